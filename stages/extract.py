@@ -25,6 +25,7 @@ from pipeline.backbones import Backbone, extract_grid, load_backbone
 from pipeline.cache import Cache, SplitPlan, create_cache, settings_hash
 from pipeline.datasets import Dataset, Record, load_image, open_dataset
 from pipeline.errors import ProtoquantError
+from pipeline.images import crop_box
 from pipeline.progress import progress_bar
 from pipeline.views import view_transform
 
@@ -64,8 +65,12 @@ class _Rows(TorchDataset):
         return len(self.records)
 
     def __getitem__(self, row: int):
+        record = self.records[row]
         try:
-            image = load_image(self.records[row], crop_to_box=self.crop_to_box)
+            image = load_image(record)
+            original_size = image.size  # (width, height) before any crop: annotations live in these pixels
+            if self.crop_to_box:
+                image = crop_box(image, record.box)
         except ProtoquantError:
             if not self.skip_bad:
                 raise
@@ -75,7 +80,7 @@ class _Rows(TorchDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.view_seed * 1_000_003 + row * 101 + view)  # same view wherever it runs
                 tensors.append(self.augment(image))
-        return row, torch.stack(tensors), True, image.size
+        return row, torch.stack(tensors), True, original_size
 
 
 def _shard_batches(shards: list[range], batch_size: int) -> list[list[int]]:
