@@ -215,8 +215,9 @@ def extract(
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     dataset = open_dataset(data)
-    if crop_to_box and dataset.kind != "cub":
-        raise ProtoquantError(f"--crop-to-box needs bounding boxes, but {data} is a {dataset.kind} dataset (CUB layout only)")
+    if crop_to_box and any(r.box is None for records in dataset.splits.values() for r in records[:1]):
+        raise ProtoquantError(f"--crop-to-box needs bounding boxes, but {data} has none (CUB layout with bounding_boxes.txt, "
+                              "or shards written from one); drop --crop-to-box")
     net = load_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size,
                         device=device, model_kwargs=model_kwargs)
     splits = {name: _ordered(records, row_order_seed) for name, records in dataset.splits.items()}
