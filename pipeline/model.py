@@ -1,0 +1,328 @@
+"""ProtoQuant's math on cached feature grids: probe, stage A, stage B head, pruning and storage.
+
+Features arrive as (B, H, W, D) grids, channels last, usually float16 from the cache; every function
+here casts them to float32 before computing.
+
+    ProbeHead, train_probe        the frozen reference classifier (METHOD.md stage A, "Start")
+    quantize, stage_a_loss        codebook learning through the frozen probe (METHOD.md stage A)
+    ProtoQuantHead                the interpretable head (METHOD.md stage B)
+    peak_locations, local_explanation_size          explanations (METHOD.md "Explanations")
+    prune_top_k_per_class, codes_in_use             pruning (METHOD.md "Pruning and editing")
+    mixup                         optional feature-space mixup
+    save_/load_head, save_/load_probe               safetensors + JSON metadata
+
+assign_codes and code_usage live in pipeline/codebook.py (assignment belongs to the codebook) and
+are re-exported here for callers that think of them as model helpers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.codebook import COSINE_EPS, assign_codes, code_usage, read_artifact, write_artifact
+from pipeline.errors import ProtoquantError
+
+__all__ = [
+    "ProbeHead", "train_probe", "assign_codes", "code_usage", "quantize", "stage_a_loss",
+    "ProtoQuantHead", "peak_locations", "prune_top_k_per_class", "codes_in_use",
+    "local_explanation_size", "mixup", "save_head", "load_head", "save_probe", "load_probe",
+]
+
+
+# --- the probe: frozen reference classifier --------------------------------------------------------
+
+class ProbeHead(nn.Module):
+    """Global average pool over (H, W) + Linear(D, C) with bias: the classifier stage A goes through.
+
+    Starts at zero (weight and bias) without touching the global random state; train_probe fits it.
+    """
+
+    def __init__(self, dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.utils.skip_init(nn.Linear, dim, num_classes)  # no global-RNG init
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, D) grid -> (B, C) logits."""
+        return self.forward_pooled(f.float().mean(dim=(1, 2)))  # (B, H, W, D) -> (B, D)
+
+    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, D) already pooled features -> (B, C) logits."""
+        return self.linear(pooled.float())
+
+
+def train_probe(
+    features_pooled: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    epochs: int = 50,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ProbeHead:
+    """Fit the linear probe on pooled features with minibatch AdamW and a cosine schedule.
+
+    Args:
+        features_pooled: (N, D) per-image mean of the grid (the caller pools chunk by chunk).
+        labels: (N,) class indices in [0, num_classes).
+        seed: seeds the shuffling; the probe starts from zeros (a convex problem needs no random init).
+
+    Returns the probe in eval mode with requires_grad False everywhere: frozen, ready for stage A.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    probe = ProbeHead(features_pooled.shape[1], num_classes).to(device)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(labels) / batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)  # (N,)
+        for batch in order.split(batch_size):
+            logits = probe.forward_pooled(features_pooled[batch].to(device))  # (b, C)
+            loss = F.cross_entropy(logits, labels[batch].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    return probe.eval().requires_grad_(False)
+
+
+# --- stage A: codebook learning through the frozen probe ------------------------------------------
+
+def quantize(f: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace every patch embedding by its nearest code (METHOD.md stage A).
+
+    Args:
+        f: (B, H, W, D) features.
+        codes: (K, D) codebook, usually a trainable Parameter.
+
+    Returns:
+        q (B, H, W, D): the RAW code vectors (not normalised: the frozen probe needs the magnitude);
+            gradients reach `codes` through the gather.
+        idx (B, H, W) int64: cosine argmax, computed without gradient.
+    """
+    idx = assign_codes(f, codes)  # (B, H, W); METHOD.md stage A: k* = argmax cos, no gradient
+    q = codes[idx]  # (B, H, W) -> (B, H, W, D); METHOD.md stage A: raw E[k*]
+    return q, idx
+
+
+def stage_a_loss(
+    f: torch.Tensor,
+    codes: torch.Tensor,
+    probe: ProbeHead,
+    labels: torch.Tensor,
+    *,
+    label_smoothing: float = 0.1,
+    dict_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage A loss: CE(probe(q), y) + dict_weight * mean((q - stopgrad(f))^2) (METHOD.md stage A).
+
+    The dictionary term is a mean over every element of the (B, H, W, D) grid. No commitment term
+    and no straight-through estimator: only `codes` gets gradients, provided the probe is frozen
+    (train_probe and load_probe return it so).
+
+    Returns (loss, parts) with parts = {"ce", "dict", "accuracy"} as detached scalars.
+    """
+    target = f.detach().float()  # (B, H, W, D); stopgrad(z)
+    q, _ = quantize(target, codes)  # (B, H, W, D)
+    logits = probe(q)  # (B, C)
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    dictionary = (q - target).pow(2).mean()  # METHOD.md stage A: VQ dictionary term
+    loss = ce + dict_weight * dictionary
+    accuracy = (logits.argmax(dim=1) == labels).float().mean()
+    return loss, {"ce": ce.detach(), "dict": dictionary.detach(), "accuracy": accuracy.detach()}
+
+
+# --- stage B: the interpretable head ---------------------------------------------------------------
+
+class ProtoQuantHead(nn.Module):
+    """Code presence -> class scores through non-negative weights (METHOD.md stage B).
+
+    Buffers and parameters (all saved by save_head):
+        codes (K, D): a Parameter when train_codes, else a buffer (frozen).
+        weight W (C, K): Parameter, initialised N(1.0, 0.1) from `seed`; used as relu(W).
+        code_mask (K,) bool: True = the code exists. A removed code (remove_codes) is taken out of
+            the softmax over codes, so it has zero activation and presence everywhere and the other
+            codes' activations renormalise among themselves: the head behaves as if it had never
+            had that code. Zeroing a code's weights instead (pruning) keeps it competing in the
+            softmax while contributing nothing.
+
+    Memory: activation() holds B * K * H * W float32 values (B=256, K=2000, 7x7 -> 100 MB, plus
+    as much again for the backward pass); lower the batch size when it does not fit.
+    """
+
+    def __init__(
+        self, codes: torch.Tensor, num_classes: int, *, tau: float = 0.1, train_codes: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__()
+        codes = codes.detach().float().clone()  # (K, D)
+        if train_codes:
+            self.codes = nn.Parameter(codes)
+        else:
+            self.register_buffer("codes", codes)
+        generator = torch.Generator().manual_seed(seed)
+        weight = torch.normal(1.0, 0.1, size=(num_classes, codes.shape[0]), generator=generator)  # METHOD.md stage B
+        self.weight = nn.Parameter(weight.to(codes.device))
+        self.register_buffer("code_mask", torch.ones(codes.shape[0], dtype=torch.bool, device=codes.device))
+        self.tau = float(tau)
+        self.train_codes = train_codes
+
+    def similarity(self, f: torch.Tensor) -> torch.Tensor:
+        """S[b,k,h,w] = cos(f[b,h,w], codes[k]); (B, H, W, D) -> (B, K, H, W)."""
+        f_unit = F.normalize(f.float(), dim=-1, eps=COSINE_EPS)  # (B, H, W, D)
+        codes_unit = F.normalize(self.codes, dim=-1, eps=COSINE_EPS)  # (K, D)
+        return torch.einsum("bhwd,kd->bkhw", f_unit, codes_unit)  # METHOD.md stage B: S
+
+    def activation(self, f: torch.Tensor) -> torch.Tensor:
+        """A = softmax over the K codes of S / tau at each location; (B, H, W, D) -> (B, K, H, W)."""
+        scores = self.similarity(f) / self.tau  # (B, K, H, W)
+        removed = ~self.code_mask[None, :, None, None]  # (1, K, 1, 1)
+        scores = scores.masked_fill(removed, float("-inf"))  # a removed code no longer exists
+        return scores.softmax(dim=1)  # METHOD.md stage B: over codes, NOT over space
+
+    def presence(self, f: torch.Tensor) -> torch.Tensor:
+        """p[b,k] = max over (h, w) of A[b,k,h,w], in [0, 1]; (B, H, W, D) -> (B, K)."""
+        return self.activation(f).amax(dim=(2, 3))  # METHOD.md stage B: spatial max
+
+    def effective_weight(self) -> torch.Tensor:
+        """relu(W) with removed codes' columns zeroed; (C, K)."""
+        return F.relu(self.weight) * self.code_mask  # (C, K) * (K,)
+
+    def logits_from_presence(self, p: torch.Tensor) -> torch.Tensor:
+        """logits = p @ relu(W)^T, no bias; (B, K) -> (B, C)."""
+        return p @ self.effective_weight().T  # METHOD.md stage B
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, D) grid -> (B, C) logits."""
+        return self.logits_from_presence(self.presence(f))
+
+    def contributions(self, p: torch.Tensor) -> torch.Tensor:
+        """relu(W[c,k]) * p[b,k]; (B, K) -> (B, C, K). Summed over K it gives the logits."""
+        return self.effective_weight()[None] * p[:, None, :]  # METHOD.md "Explanations": local
+
+    def l1_penalty(self) -> torch.Tensor:
+        """sum of relu(W) (METHOD.md stage B: optional L1, off by default)."""
+        return F.relu(self.weight).sum()
+
+    @torch.no_grad()
+    def remove_codes(self, indices: torch.Tensor | list[int]) -> None:
+        """Remove codes everywhere (METHOD.md "Pruning and editing"): see code_mask in the class doc."""
+        mask = self.code_mask.clone()
+        mask[torch.as_tensor(indices, dtype=torch.long, device=mask.device)] = False
+        if not mask.any():
+            raise ProtoquantError("removing these codes would leave the head with none: keep at least one code")
+        self.code_mask.copy_(mask)
+
+
+def peak_locations(activation: torch.Tensor) -> torch.Tensor:
+    """Where each code fires most: argmax over space of A; (B, K, H, W) -> (B, K, 2) as (h, w)."""
+    width = activation.shape[3]
+    flat = activation.flatten(2).argmax(dim=2)  # (B, K, H, W) -> (B, K, H*W) -> (B, K)
+    return torch.stack([flat // width, flat % width], dim=-1)  # (B, K, 2)
+
+
+def local_explanation_size(
+    contributions: torch.Tensor, logits: torch.Tensor, rel_threshold: float = 1e-3
+) -> torch.Tensor:
+    """Per image, how many codes contribute more than rel_threshold * the predicted class's logit.
+
+    contributions (B, C, K), logits (B, C) -> (B,) int64 (METHOD.md "Explanations": size).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)  # (B,)
+    predicted = logits.argmax(dim=1)  # (B,)
+    to_predicted = contributions[rows, predicted]  # (B, C, K) -> (B, K)
+    threshold = rel_threshold * logits[rows, predicted]  # (B,)
+    return (to_predicted > threshold[:, None]).sum(dim=1)
+
+
+# --- pruning ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def prune_top_k_per_class(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each class's k largest positive weights, set the rest to 0; (C, K) -> new (C, K).
+
+    0 is dead for good: relu has zero gradient at 0 (torch's relu backward passes x > 0 only), and
+    weight decay keeps 0 at 0, so fine-tuning after the cut trains only the kept weights.
+    (METHOD.md "Pruning and editing": per-class top-k.) Ties at the k-th value keep the lower index.
+    """
+    positive = weight.clamp_min(0)  # relu(W), (C, K)
+    top = positive.topk(min(k, weight.shape[1]), dim=1).indices  # (C, k)
+    keep = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, top, True) & (positive > 0)  # (C, K)
+    return torch.where(keep, weight, torch.zeros_like(weight))
+
+
+def codes_in_use(head: ProtoQuantHead) -> torch.Tensor:
+    """(K,) bool: codes that exist (code_mask) and carry a positive weight to at least one class."""
+    return (head.effective_weight() > 0).any(dim=0)
+
+
+# --- optional augmentation ---------------------------------------------------------------------------
+
+def mixup(
+    f: torch.Tensor, y_onehot: torch.Tensor, *, alpha: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature-space mixup: lam ~ Beta(alpha, alpha), mix each sample with a random partner.
+
+    f (B, H, W, D), y_onehot (B, C) -> (mixed f float32, mixed targets (B, C)). rng supplies lam and
+    the partner permutation, so a seeded numpy Generator makes it reproducible.
+    """
+    lam = float(rng.beta(alpha, alpha))
+    partner = torch.from_numpy(rng.permutation(f.shape[0])).to(f.device)  # (B,)
+    f = f.float()
+    y = y_onehot.float()
+    return lam * f + (1 - lam) * f[partner], lam * y + (1 - lam) * y[partner]
+
+
+# --- storage -----------------------------------------------------------------------------------------
+
+def save_head(path: str | Path, head: ProtoQuantHead, *, classes: list[str], meta: dict) -> None:
+    """Save codes, weight and code_mask as safetensors; classes, tau, train_codes and meta as JSON."""
+    if len(classes) != head.weight.shape[0]:
+        raise ProtoquantError(f"saving head {path}: {len(classes)} class names for {head.weight.shape[0]} "
+                              f"classes: pass the cache's class names")
+    tensors = {"codes": head.codes, "weight": head.weight, "code_mask": head.code_mask}
+    fields = {"classes": list(classes), "tau": head.tau, "train_codes": head.train_codes, "meta": meta}
+    write_artifact(path, tensors, kind="head", fields=fields)
+
+
+def load_head(path: str | Path) -> tuple[ProtoQuantHead, list[str], dict]:
+    """Load a head written by save_head -> (head on the CPU, class names, meta); bit-exact."""
+    tensors, fields = read_artifact(path, kind="head")
+    _require(tensors, ("codes", "weight", "code_mask"), "head", path)
+    head = ProtoQuantHead(tensors["codes"], len(fields["classes"]), tau=fields["tau"],
+                          train_codes=fields["train_codes"])
+    head.load_state_dict({name: tensors[name] for name in ("codes", "weight", "code_mask")})
+    return head, fields["classes"], fields.get("meta", {})
+
+
+def save_probe(path: str | Path, probe: ProbeHead, *, classes: list[str], meta: dict) -> None:
+    """Save the probe's weight (C, D) and bias (C,) as safetensors; classes and meta as JSON."""
+    tensors = {"weight": probe.linear.weight, "bias": probe.linear.bias}
+    write_artifact(path, tensors, kind="probe", fields={"classes": list(classes), "meta": meta})
+
+
+def load_probe(path: str | Path) -> tuple[ProbeHead, list[str], dict]:
+    """Load a probe written by save_probe -> (frozen probe in eval mode on the CPU, class names, meta)."""
+    tensors, fields = read_artifact(path, kind="probe")
+    _require(tensors, ("weight", "bias"), "probe", path)
+    num_classes, dim = tensors["weight"].shape
+    probe = ProbeHead(dim, num_classes)
+    probe.linear.load_state_dict({"weight": tensors["weight"], "bias": tensors["bias"]})
+    return probe.eval().requires_grad_(False), fields["classes"], fields.get("meta", {})
+
+
+def _require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], kind: str, path: str | Path) -> None:
+    """Raise ProtoquantError when a saved artefact lacks one of the tensors it must hold."""
+    missing = [name for name in names if name not in tensors]
+    if missing:
+        raise ProtoquantError(f"{kind} {path} lacks tensor(s) {', '.join(missing)}: it is damaged or was not "
+                              f"written by protoquant; rebuild it with `protoquant train CACHE ...`")

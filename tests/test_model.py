@@ -1,0 +1,268 @@
+"""pipeline/model.py: the probe, stage A, the stage B head, pruning, explanations and storage.
+
+The head's math is checked on hand-made tensors whose answers are worked out in the comments.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.codebook import save_codebook
+from pipeline.errors import ProtoquantError
+from pipeline.model import (
+    ProbeHead,
+    ProtoQuantHead,
+    codes_in_use,
+    load_head,
+    load_probe,
+    local_explanation_size,
+    mixup,
+    peak_locations,
+    prune_top_k_per_class,
+    quantize,
+    save_head,
+    save_probe,
+    stage_a_loss,
+    train_probe,
+)
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def axis_grid() -> torch.Tensor:
+    """(1, 2, 2, 4) grid: cell (0,0) = 3*e0, (0,1) = e1, (1,0) = 2*e2, (1,1) = e0 + e1 (float16)."""
+    cells = torch.tensor([[3.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [1, 1, 0, 0]])
+    return cells.reshape(1, 2, 2, 4).half()  # (4, D) -> (B=1, H=2, W=2, D=4)
+
+
+# --- stage B head ----------------------------------------------------------------------------------
+
+def test_activation_is_a_softmax_over_codes_and_presence_a_spatial_max() -> None:
+    f = torch.randn(3, 4, 5, 8, generator=seeded(0))  # (B, H, W, D)
+    head = ProtoQuantHead(torch.randn(6, 8, generator=seeded(1)), num_classes=2)
+    a = head.activation(f)  # (B, K, H, W)
+    assert a.shape == (3, 6, 4, 5)
+    assert torch.allclose(a.sum(dim=1), torch.ones(3, 4, 5))  # sums to 1 over codes at every cell
+    assert not torch.allclose(a.sum(dim=(2, 3)), torch.ones(3, 6))  # ... and not over space
+    by_hand = (F.cosine_similarity(f[:, None], head.codes[None, :, None, None], dim=-1) / 0.1).softmax(dim=1)
+    assert torch.allclose(a, by_hand, atol=1e-6)
+    assert torch.equal(head.presence(f), a.amax(dim=(2, 3)))
+
+
+def test_a_code_equal_to_a_patch_is_present_near_one() -> None:
+    codes = torch.eye(4)[:3] * 5.0  # (K=3, D=4): codes along e0, e1, e2, any magnitude
+    head = ProtoQuantHead(codes, num_classes=1, tau=0.1)
+    p = head.presence(axis_grid())  # (1, 3)
+    # at cell (0,0) code 0 has cosine 1 and the others 0: e^10 / (e^10 + 2) = 0.99991
+    expected = math.exp(10) / (math.exp(10) + 2)
+    assert torch.allclose(p, torch.full((1, 3), expected), atol=1e-6)
+
+
+def test_logits_are_presence_times_relu_weight() -> None:
+    head = ProtoQuantHead(torch.eye(4)[:3], num_classes=2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]]))  # (C=2, K=3)
+    f = torch.randn(2, 3, 3, 4, generator=seeded(0))
+    p = head.presence(f)  # (B, K)
+    by_hand = torch.stack([p[:, 0] * 1.0 + p[:, 2] * 0.5, p[:, 1] * 3.0], dim=1)  # negatives count as 0
+    assert torch.allclose(head(f), by_hand, atol=1e-6)
+    contributions = head.contributions(p)  # (B, C, K)
+    assert contributions.shape == (2, 2, 3)
+    assert torch.allclose(contributions.sum(dim=2), head(f), atol=1e-6)
+    assert head.l1_penalty().item() == pytest.approx(4.5)
+
+
+def test_weight_init_is_normal_one_tenth_and_seeded() -> None:
+    codes = torch.randn(400, 8, generator=seeded(0))
+    weight = ProtoQuantHead(codes, num_classes=50, seed=3).weight.detach()  # (50, 400): 20k draws
+    assert weight.mean().item() == pytest.approx(1.0, abs=0.005)
+    assert weight.std().item() == pytest.approx(0.1, abs=0.005)
+    assert torch.equal(weight, ProtoQuantHead(codes, num_classes=50, seed=3).weight.detach())
+    assert not torch.equal(weight, ProtoQuantHead(codes, num_classes=50, seed=4).weight.detach())
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adam"])
+def test_negative_and_zero_weights_stay_dead(optimizer_name: str) -> None:
+    head = ProtoQuantHead(torch.randn(5, 8, generator=seeded(0)), num_classes=3, train_codes=True)
+    with torch.no_grad():
+        head.weight[0, :2] = torch.tensor([-0.5, 0.0])
+        head.weight[2, 4] = -0.01
+    dead = head.weight.detach() <= 0  # (C, K)
+    before = head.weight.detach().clone()
+    optimizer = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer_name](head.parameters(), lr=0.1)
+    head(torch.randn(4, 3, 3, 8, generator=seeded(1))).sum().backward()
+    assert torch.equal(head.weight.grad[dead], torch.zeros(3))
+    assert (head.weight.grad[~dead] != 0).all()
+    assert head.codes.grad is not None  # trainable codes get gradients in stage B
+    optimizer.step()
+    assert torch.equal(head.weight.detach()[dead], before[dead])
+
+
+def test_frozen_codes_are_a_buffer_trainable_codes_a_parameter() -> None:
+    codes = torch.randn(5, 8, generator=seeded(0))
+    frozen = ProtoQuantHead(codes, num_classes=2)
+    trainable = ProtoQuantHead(codes, num_classes=2, train_codes=True)
+    assert [name for name, _ in frozen.named_parameters()] == ["weight"]
+    assert sorted(name for name, _ in trainable.named_parameters()) == ["codes", "weight"]
+    assert "codes" in dict(frozen.named_buffers())
+
+
+def test_removed_codes_leave_the_softmax() -> None:
+    codes = torch.randn(5, 8, generator=seeded(0))
+    f = torch.randn(2, 3, 3, 8, generator=seeded(1))
+    head = ProtoQuantHead(codes, num_classes=3, seed=2)
+    head.remove_codes([1, 3])
+    a = head.activation(f)
+    assert torch.equal(a[:, [1, 3]], torch.zeros(2, 2, 3, 3))
+    assert torch.allclose(a.sum(dim=1), torch.ones(2, 3, 3))
+    p = head.presence(f)
+    assert torch.equal(p[:, [1, 3]], torch.zeros(2, 2))
+    assert torch.equal(head.contributions(p)[:, :, [1, 3]], torch.zeros(2, 3, 2))
+    # the same as a head that never had codes 1 and 3
+    kept = [0, 2, 4]
+    smaller = ProtoQuantHead(codes[kept], num_classes=3)
+    with torch.no_grad():
+        smaller.weight.copy_(head.weight[:, kept])
+    assert torch.allclose(a[:, kept], smaller.activation(f), atol=1e-6)
+    assert torch.allclose(head(f), smaller(f), atol=1e-6)
+    assert codes_in_use(head).tolist() == [True, False, True, False, True]
+    with pytest.raises(ProtoquantError, match="at least one code"):
+        head.remove_codes([0, 2, 4])
+
+
+def test_peak_locations_are_the_spatial_argmax() -> None:
+    a = torch.zeros(1, 2, 3, 4)  # (B, K, H, W)
+    a[0, 0, 2, 1] = 1.0
+    a[0, 1, 0, 3] = 0.5
+    assert peak_locations(a).tolist() == [[[2, 1], [0, 3]]]
+
+
+# --- stage A -----------------------------------------------------------------------------------------
+
+def test_quantize_substitutes_raw_codes_by_cosine_argmax() -> None:
+    codes = torch.tensor([[10.0, 0, 0, 0], [0, 0.5, 0, 0], [0, 0, 3, 0], [2, 2, 0, 0]], requires_grad=True)
+    q, idx = quantize(axis_grid(), codes)
+    # cell (0,0)=3*e0 -> code 0 (L2 would pick code 3); (0,1)=e1 -> code 1; (1,0) -> 2; (1,1)=e0+e1 -> 3
+    assert idx.tolist() == [[[0, 1], [2, 3]]]
+    assert torch.equal(q.detach(), codes.detach()[idx])  # raw, not normalised
+    q.sum().backward()
+    assert torch.equal(codes.grad, torch.ones(4, 4))  # each code gathered once
+
+
+def test_stage_a_loss_by_hand_and_gradients_reach_only_codes() -> None:
+    probe = ProbeHead(dim=4, num_classes=2)
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        probe.linear.bias.copy_(torch.tensor([0.0, 0.5]))
+    probe.requires_grad_(False)
+    codes = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 1.0, 0], [1, 1, 0, 0]], requires_grad=True)
+    f = axis_grid().float().requires_grad_(True)  # (1, 2, 2, 4)
+    loss, parts = stage_a_loss(f, codes, probe, torch.tensor([0]), label_smoothing=0.1, dict_weight=1.0)
+    # q = codes [0, 1, 2, 3] at the four cells; pooled q = (3, 3, 1, 0) / 4; logits = (0.75, 1.25)
+    log_p = torch.log_softmax(torch.tensor([0.75, 1.25]), dim=0)
+    ce = -(0.9 * log_p[0] + 0.1 * log_p.mean())  # label smoothing 0.1 over 2 classes
+    # (q - f)^2 per cell: (2-3)^2 = 1, (2-1)^2 = 1, (1-2)^2 = 1, 0; mean over 16 elements
+    dictionary = 3.0 / 16
+    assert parts["ce"].item() == pytest.approx(ce.item(), abs=1e-6)
+    assert parts["dict"].item() == pytest.approx(dictionary, abs=1e-7)
+    assert loss.item() == pytest.approx(ce.item() + dictionary, abs=1e-6)
+    assert parts["accuracy"].item() == 0.0
+    loss.backward()
+    assert f.grad is None  # stopgrad on the features
+    assert probe.linear.weight.grad is None and probe.linear.bias.grad is None
+    assert codes.grad is not None and codes.grad.abs().sum() > 0
+    _, parts_half = stage_a_loss(f, codes, probe, torch.tensor([0]), dict_weight=0.5)
+    assert parts_half["dict"].item() == pytest.approx(dictionary, abs=1e-7)
+
+
+def test_train_probe_fits_separable_features_deterministically() -> None:
+    generator = seeded(0)
+    labels = torch.arange(3).repeat(40)  # (120,)
+    centers = torch.randn(3, 16, generator=generator) * 3
+    pooled = centers[labels] + torch.randn(120, 16, generator=generator)  # (N, D)
+    probe = train_probe(pooled, labels, num_classes=3, epochs=20, lr=0.05, batch_size=32, seed=1)
+    assert (probe.forward_pooled(pooled).argmax(dim=1) == labels).float().mean().item() == 1.0
+    assert not probe.training and not any(p.requires_grad for p in probe.parameters())
+    again = train_probe(pooled, labels, num_classes=3, epochs=20, lr=0.05, batch_size=32, seed=1)
+    assert torch.equal(probe.linear.weight, again.linear.weight)
+    grid = pooled[:, None, None, :].expand(120, 2, 2, 16)  # (N, D) -> (N, 2, 2, D): pools back to pooled
+    assert torch.allclose(probe(grid), probe.forward_pooled(pooled), atol=1e-5)
+
+
+# --- pruning and explanations ------------------------------------------------------------------------
+
+def test_prune_top_k_per_class_keeps_the_largest_positive_weights() -> None:
+    weight = torch.tensor([[0.5, 2.0, -1.0, 1.5], [-0.2, -0.1, 0.25, -0.4]])
+    pruned = prune_top_k_per_class(weight, 2)
+    assert pruned.tolist() == [[0.0, 2.0, 0.0, 1.5], [0.0, 0.0, 0.25, 0.0]]  # row 2 has one positive
+    head = ProtoQuantHead(torch.eye(4), num_classes=2)
+    with torch.no_grad():
+        head.weight.copy_(pruned)
+    assert codes_in_use(head).tolist() == [False, True, True, True]
+    head(torch.randn(2, 2, 2, 4, generator=seeded(0))).sum().backward()
+    assert torch.equal(head.weight.grad[pruned == 0], torch.zeros(5))  # zero is dead too
+
+
+def test_local_explanation_size_counts_contributions_above_threshold() -> None:
+    contributions = torch.tensor([[[0.5, 0.4, 0.0005, 0.0], [3.0, 0.0, 0.0, 0.0]],    # predicted class 1
+                                  [[0.6, 0.3, 0.1, 0.0009], [0.1, 0.0, 0.0, 0.0]]])   # predicted class 0
+    logits = contributions.sum(dim=2)  # (B=2, C=2): (0.9005, 3.0), (1.0009, 0.1)
+    assert local_explanation_size(contributions, logits).tolist() == [1, 3]  # 0.0009 < 1e-3 * 1.0009
+    assert local_explanation_size(contributions, logits, rel_threshold=1e-4).tolist() == [1, 4]
+
+
+def test_mixup_is_a_seeded_convex_combination() -> None:
+    f = torch.randn(6, 2, 2, 3, generator=seeded(0)).half()
+    y = F.one_hot(torch.arange(6) % 3, 3)
+    f_mix, y_mix = mixup(f, y, alpha=0.4, rng=np.random.default_rng(5))
+    f_again, y_again = mixup(f, y, alpha=0.4, rng=np.random.default_rng(5))
+    assert torch.equal(f_mix, f_again) and torch.equal(y_mix, y_again)
+    assert f_mix.dtype == torch.float32
+    assert torch.allclose(y_mix.sum(dim=1), torch.ones(6))
+    rng = np.random.default_rng(5)
+    lam, partner = rng.beta(0.4, 0.4), torch.from_numpy(rng.permutation(6))
+    assert torch.allclose(f_mix, lam * f.float() + (1 - lam) * f.float()[partner])
+
+
+# --- storage -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train_codes", [False, True])
+def test_head_round_trip_is_bit_exact(tmp_path: Path, train_codes: bool) -> None:
+    head = ProtoQuantHead(torch.randn(6, 5, generator=seeded(0)), num_classes=3, tau=0.07,
+                          train_codes=train_codes, seed=9)
+    head.remove_codes([4])
+    meta = {"cache_fingerprint": "abc123", "epochs": 3, "val_accuracy": 0.8125}
+    save_head(tmp_path / "head.safetensors", head, classes=["owl", "cat", "dog"], meta=meta)
+    loaded, classes, loaded_meta = load_head(tmp_path / "head.safetensors")
+    assert classes == ["owl", "cat", "dog"] and loaded_meta == meta
+    assert loaded.tau == 0.07 and loaded.train_codes is train_codes
+    for name in ("codes", "weight", "code_mask"):
+        assert torch.equal(getattr(loaded, name), getattr(head, name))
+    f = torch.randn(2, 2, 2, 5, generator=seeded(1))
+    assert torch.equal(loaded(f), head(f))
+    with pytest.raises(ProtoquantError, match="4 class names for 3 classes"):
+        save_head(tmp_path / "bad.safetensors", head, classes=["a", "b", "c", "d"], meta={})
+
+
+def test_probe_round_trip_and_kind_check(tmp_path: Path) -> None:
+    pooled = torch.randn(30, 6, generator=seeded(0))
+    probe = train_probe(pooled, torch.arange(30) % 2, num_classes=2, epochs=2, seed=0)
+    save_probe(tmp_path / "probe.safetensors", probe, classes=["a", "b"], meta={"cache_fingerprint": "f00"})
+    loaded, classes, meta = load_probe(tmp_path / "probe.safetensors")
+    assert classes == ["a", "b"] and meta == {"cache_fingerprint": "f00"}
+    assert torch.equal(loaded.linear.weight, probe.linear.weight)
+    assert torch.equal(loaded.linear.bias, probe.linear.bias)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    save_codebook(tmp_path / "codebook.safetensors", torch.zeros(2, 6), {})
+    with pytest.raises(ProtoquantError, match="is a protoquant codebook, not a head"):
+        load_head(tmp_path / "codebook.safetensors")
+    with pytest.raises(ProtoquantError, match="is a protoquant probe, not a head"):
+        load_head(tmp_path / "probe.safetensors")
