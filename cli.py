@@ -107,7 +107,7 @@ def info(
 def shards(
     data: Annotated[str, typer.Argument(help="Dataset to convert: an ImageFolder dir (train/<class>/..., test/ or val/) or a CUB-200-2011 dir.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the shards; must be empty unless --overwrite.")],
-    max_count: Annotated[int, typer.Option("--max-count", min=1, help="Images per shard (about 1000 gives shards of 50-500 MB for photos).")] = 1000,
+    max_count: Annotated[int, typer.Option("--max-count", min=1, help="Images per shard; the last shard of a split holds the rest.")] = 1000,
     seed: SeedOpt = 0,
     kind: Annotated[str, typer.Option("--kind", help="Layout of DATA: auto, imagefolder or cub.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the shards already in --out (deletes its *.tar and index files, nothing else).")] = False,
@@ -115,12 +115,13 @@ def shards(
 ) -> None:
     """Pack an ImageFolder or CUB-200-2011 dataset into WebDataset tar shards.
 
-    Writes OUT/train-000000.tar, ..., OUT/test-000000.tar, ... with each split shuffled once (--seed), so
-    every shard mixes classes. Image bytes are copied as they are (no re-encoding); each sample holds the
-    image, its class (.cls) and a .json with the original path (and for CUB the bird box and part keypoints).
-    OUT/classes.json names the classes; OUT/shards.json counts the samples per shard. Shards are a few big
-    sequential files instead of many small ones: better on network file systems and object stores.
-    Next: [bold]protoquant extract OUT --backbone NAME --out CACHE[/] reads the shards like the original folders.
+    Writes OUT/train-000000.tar, OUT/test-000000.tar, ... with each split shuffled once (--seed).
+
+    Each sample keeps the original image bytes (no re-encoding), its class (.cls) and a .json with the original path (for CUB also the bird box and part keypoints). OUT/classes.json names the classes.
+
+    A few big sequential files beat many small ones on network file systems and object stores.
+
+    Next: [bold]protoquant extract OUT --backbone NAME --out CACHE[/] reads the shards like the folders.
 
     Example: protoquant shards birds/ --out birds-shards/ --max-count 500
     """
@@ -141,6 +142,55 @@ def shards(
         table.add_row(split, str(sum(s["nsamples"] for s in shard_list)), str(len(names)), files)
     Console().print(table)
     Console().print(f"{len(index['classes'])} classes; next: protoquant extract {out} --backbone NAME --out CACHE")
+
+
+# ---- make-birds: the procedural CUB-layout dataset ----
+
+@app.command("make-birds", rich_help_panel="Data")
+def make_birds_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write the dataset into; created, and must be empty unless --overwrite.")],
+    classes: Annotated[int, typer.Option("--classes", help="Number of classes, 2 to 243 (the distinct combinations of the five attribute parts).")] = 8,
+    per_class: Annotated[int, typer.Option("--per-class", help="Images per class (at least 2: one train, one test).")] = 40,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels (square images), 64 to 2048.")] = 224,
+    seed: SeedOpt = 0,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of each class's images in the test split (stratified; at least one per class).")] = 0.3,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset make-birds wrote in OUT before (refused if OUT holds other files).")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw a procedural "birds with parts" dataset in the CUB-200-2011 layout, with part keypoints and boxes.
+
+    Every bird has a body, head, crown, beak, eye, wing, tail and legs. Five parts define the class (beak and tail shape; crown, wing and eye colour); pose, scale, position, body colour, clutter, occluders and noise are random. Classes are chosen so that pairs of them differ in ONE part only, and OUT/README.txt says which part separates which classes. The classes depend on --classes only; the images also on --seed (the same seed writes the same bytes).
+
+    Writes OUT/images/NNN.Class/*.jpg, images.txt, image_class_labels.txt, train_test_split.txt, classes.txt, bounding_boxes.txt, parts/parts.txt and parts/part_locs.txt as CUB does, plus parts/part_boxes.txt (tight part boxes), class_attributes.txt and README.txt. 8 classes x 40 images at 224 px take a few seconds.
+
+    Next: [bold]protoquant extract OUT --backbone tf_efficientnet_lite0 --pretrained --out birds.zarr[/]
+
+    Example: protoquant make-birds birds/ --classes 8 --per-class 40 --size 224
+    """
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from stages.make_birds import make_birds as run_make_birds
+
+    summary = run_make_birds(
+        out, classes=classes, per_class=per_class, size=size, seed=seed, test_fraction=test_fraction,
+        overwrite=overwrite,
+    )
+    if json_out:
+        print(json.dumps(asdict(summary) | {"n_images": summary.n_images}, indent=2, default=str))
+        return
+    table = Table(title=f"Birds dataset in {out}", show_header=False)
+    table.add_row("classes", str(summary.n_classes))
+    table.add_row("images", f"{summary.n_images} ({summary.n_train} train, {summary.n_test} test), {size} x {size} px")
+    table.add_row("parts", ", ".join(summary.parts))
+    by_part: dict[str, int] = {}
+    for _, _, part in summary.one_part_pairs:
+        by_part[part] = by_part.get(part, 0) + 1
+    table.add_row("one-part pairs", ", ".join(f"{part} {n}" for part, n in by_part.items()) or "none")
+    Console().print(table)
+    Console().print(f"Classes and what separates them: {out / 'README.txt'}")
+    Console().print(f"Next: protoquant extract {out} --backbone tf_efficientnet_lite0 --pretrained --out birds.zarr")
 
 
 if __name__ == "__main__":
