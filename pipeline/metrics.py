@@ -1,0 +1,401 @@
+"""Interpretability metrics (METHOD.md "Interpretability metrics"); tests check each on a case whose
+answer is known by construction.
+
+    purity        PIP-Net protocol from part keypoints; the cache alone, no images
+    misalignment  Sacha et al. 2023: PGD on the pixels OUTSIDE the top prototype's box lowers its
+                  activation inside it; PAC, PRC, PLC and the accuracy change
+    stability     Huang et al. 2023 style: do the argmax cells stay put under Gaussian input noise?
+    deletion      FunnyBirds style: paint over the part under the top prototype, and over a random
+                  background patch of the same size; the class score should drop more for the part
+
+The image-level metrics run images through the frozen backbone from pixels in [0, 1] (`ImageModel`):
+timm's eval transform without its Normalize step gives the pixels, normalisation happens in torch,
+so PGD can differentiate through it. Boxes are receptive boxes of grid cells (pipeline/geometry.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+from pipeline.backbones import Backbone, extract_grid
+from pipeline.cache import Cache
+from pipeline.errors import ProtoquantError
+from pipeline.geometry import PIXEL_CENTRE, Preprocessing, box_contains
+from pipeline.grounding import MAP_BUDGET, receptive_boxes, top_images
+from pipeline.images import crop_box
+from pipeline.model import ProtoQuantHead, codes_in_use, peak_locations
+
+Box = tuple[float, float, float, float]
+
+
+# ---- the model from pixels ---------------------------------------------------------------------------
+
+@dataclass
+class Outputs:
+    """One forward pass: activation (B, K, H, W), presence (B, K), logits (B, C)."""
+
+    activation: torch.Tensor
+    presence: torch.Tensor
+    logits: torch.Tensor
+
+
+class ImageModel:
+    """The frozen backbone and a ProtoQuant head, taking pixels in [0, 1] of the network input size.
+
+    Backbone and head must be on the same device; pixels() returns tensors there.
+    """
+
+    def __init__(self, backbone: Backbone, head: ProtoQuantHead):
+        self.backbone, self.head = backbone, head.eval()
+        self.device = head.codes.device
+        config = backbone.data_config
+        self._to_pixels = create_transform(**config, is_training=False, normalize=False)  # resize + crop, uint8
+        self.mean = torch.tensor(config["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """An RGB image (already cropped to its box where the cache did so) -> (3, S, S) float in [0, 1]."""
+        return (self._to_pixels(image).float() / 255.0).to(self.device)  # as ToTensor does
+
+    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, H, W, D) features (differentiable in the pixels)."""
+        return extract_grid(self.backbone, (pixels - self.mean) / self.std)
+
+    def activation(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, K, H, W) softmax activations."""
+        return self.head.activation(self.grid(pixels))
+
+    @torch.no_grad()
+    def outputs(self, pixels: torch.Tensor) -> Outputs:
+        """Activation, presence and logits of (B, 3, S, S) pixels, without gradients."""
+        activation = self.activation(pixels)
+        presence = activation.amax(dim=(2, 3))  # (B, K)
+        return Outputs(activation, presence, self.head.logits_from_presence(presence))
+
+    def contributions_to(self, out: Outputs, classes: torch.Tensor) -> torch.Tensor:
+        """relu(W[c, k]) * p[k] for one class per image; -> (B, K)."""
+        return self.head.effective_weight()[classes] * out.presence
+
+
+def top_prototypes(model: ImageModel, out: Outputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image: predicted class (B,), its top contributing code (B,), and that code's peak cell (B, 2)."""
+    predicted = out.logits.argmax(dim=1)
+    code = model.contributions_to(out, predicted).argmax(dim=1)
+    rows = torch.arange(len(code), device=code.device)
+    cells = peak_locations(out.activation)[rows, code]  # (B, K, 2) -> (B, 2)
+    return predicted, code, cells
+
+
+def cell_masks(cells: torch.Tensor, input_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """(B, 2) cells (h, w) -> (B, 1, S_h, S_w) bool on cells.device, True on each cell's square of the input."""
+    size_h, size_w = input_size
+    masks = torch.zeros(len(cells), 1, size_h, size_w, dtype=torch.bool, device=cells.device)
+    for i, (h, w) in enumerate(cells.tolist()):
+        y0, y1 = round(h * size_h / grid[0]), round((h + 1) * size_h / grid[0])
+        x0, x1 = round(w * size_w / grid[1]), round((w + 1) * size_w / grid[1])
+        masks[i, :, y0:y1, x0:x1] = True
+    return masks
+
+
+# ---- purity (PIP-Net protocol) ---------------------------------------------------------------------------
+
+def part_fractions(boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
+    """For each code and part, the fraction of its top boxes holding the part's visible keypoint.
+
+    boxes (K, T, 4) x, y, w, h in original pixels, NaN in empty slots; keypoints (K, T, P, 3) x, y,
+    visible as pixel indices (the keypoint sits at the pixel centre). -> (K, P) in [0, 1]; the
+    denominator is the number of filled slots.
+    """
+    centre_x, centre_y = keypoints[..., 0] + PIXEL_CENTRE, keypoints[..., 1] + PIXEL_CENTRE  # (K, T, P)
+    filled = ~np.isnan(boxes[..., 0])  # (K, T)
+    inside = box_contains(np.nan_to_num(boxes)[:, :, None, :], centre_x, centre_y)  # (K, T, P)
+    inside &= (keypoints[..., 2] > 0) & filled[..., None]
+    return inside.sum(axis=1) / np.maximum(filled.sum(axis=1), 1)[:, None]
+
+
+def purity(head: ProtoQuantHead, cache: Cache, *, split: str = "train", top: int = 10,
+           device: str | torch.device = "cpu") -> dict:
+    """PIP-Net purity of every code in use (METHOD.md "Interpretability metrics").
+
+    A code's presence in an image is the max over cells of its softmax activation (stage B); its top
+    `top` training images are those with the largest presence, each with the receptive box at the
+    argmax cell; for each part, the fraction of boxes that contain the part's visible keypoint;
+    purity = the max over parts.
+    """
+    data = cache.split(split)
+    annotations = data.annotations() or {}
+    if "part_locs" not in annotations:
+        raise ProtoquantError(f"purity needs part keypoints, but {cache.path} holds none: extract a dataset with "
+                              "parts/part_locs.txt (CUB layout, e.g. `protoquant make-birds`)")
+    head = copy.deepcopy(head).eval().to(device)  # the caller's head stays where it is
+    grid = cache.grid
+    per_batch = max(1, MAP_BUDGET // (head.codes.shape[0] * grid[0] * grid[1]))
+    tops = top_images(head.activation, data, n_codes=head.codes.shape[0], top=top, images_per_batch=per_batch,
+                      device=device)
+    preprocessing = Preprocessing.from_cache(cache)
+    boxes = receptive_boxes(preprocessing, tops.rows, tops.cells, data.image_size, annotations.get("boxes"))
+    keypoints = annotations["part_locs"][np.clip(tops.rows, 0, None)]  # (K, T, P, 3)
+    fractions = part_fractions(boxes, keypoints)  # (K, P)
+    used = codes_in_use(head).cpu().numpy()
+    scores, best = fractions.max(axis=1)[used], fractions.argmax(axis=1)[used]
+    names = cache.attrs.get("part_names") or [f"part {i + 1}" for i in range(fractions.shape[1])]
+    pure = scores > 0.5
+    return {
+        "mean": float(scores.mean()) if scores.size else None, "above_0_5": int(pure.sum()),
+        "codes": int(used.sum()), "top": top, "split": split,
+        "pure_codes_by_part": {names[p]: int(((best == p) & pure).sum()) for p in range(len(names))},
+    }
+
+
+# ---- spatial misalignment (Sacha et al.) ------------------------------------------------------------------
+
+def pgd_outside(pixels: torch.Tensor, inside: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *,
+                eps: float, step: float, steps: int) -> torch.Tensor:
+    """L-inf PGD that lowers objective(pixels) (per image, (B,)) changing only pixels OUTSIDE `inside`.
+
+    pixels (B, 3, S, S) in [0, 1]; inside (B, 1, S, S) bool. Pixels inside stay exactly as they
+    were; outside, each step moves by `step` against the gradient's sign, projected onto the eps
+    ball around the original and onto [0, 1].
+    """
+    original = pixels.detach()
+    free = (~inside).to(original.dtype)
+    adversarial = original.clone()
+    for _ in range(steps):
+        adversarial.requires_grad_(True)
+        (gradient,) = torch.autograd.grad(objective(adversarial).sum(), adversarial)
+        moved = adversarial.detach() - step * gradient.sign() * free
+        moved = torch.minimum(torch.maximum(moved, original - eps), original + eps).clamp(0.0, 1.0)
+        adversarial = torch.where(inside, original, moved)  # exactly unchanged inside the box
+    return adversarial.detach()
+
+
+def top_fraction_iou(before: torch.Tensor, after: torch.Tensor, fraction: float = 0.1) -> torch.Tensor:
+    """IoU of the top `fraction` cells of two maps (B, H, W) -> (B,)."""
+    count = max(1, math.ceil(fraction * before[0].numel()))
+
+    def top_set(maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.flatten(1)
+        return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(count, dim=1).indices, True)
+
+    a, b = top_set(before), top_set(after)
+    return (a & b).sum(1).float() / (a | b).sum(1).float()
+
+
+def _rank(contributions: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each image's `code` among its contributions (B, K) -> (B,)."""
+    own = contributions.gather(1, code[:, None])  # (B, 1)
+    return (contributions > own).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class MisalignmentSettings:
+    """PGD in pixel space ([0, 1]), L-inf."""
+
+    eps: float = 8 / 255
+    step: float = 2 / 255
+    steps: int = 5
+    batch_size: int = 8
+
+
+def misalignment(model: ImageModel, pixels: torch.Tensor, labels: torch.Tensor,
+                 settings: MisalignmentSettings = MisalignmentSettings()) -> dict:
+    """Attack each image's top prototype (top contribution to the predicted class) from outside its box.
+
+    The box is the receptive cell where that prototype fires most; PGD changes only pixels outside it
+    to lower the prototype's activation at that cell. Reported (means over images; lower = better):
+        pac   100 * (a - a') / a: relative drop of the activation at the cell
+        prc   |rank' - rank|: how far the prototype moves among the predicted class's contributions
+        plc   100 * (1 - IoU) of the top-10% cells of its activation map before and after
+        accuracy_clean, accuracy_attacked, accuracy_change (attacked - clean; fractions)
+    """
+    totals = {"pac": [], "prc": [], "plc": [], "clean": [], "attacked": []}
+    grid = model.backbone.grid
+    for start in range(0, len(pixels), settings.batch_size):
+        x = pixels[start:start + settings.batch_size]
+        y = labels[start:start + settings.batch_size].to(x.device)
+        before = model.outputs(x)
+        predicted, code, cells = top_prototypes(model, before)
+        rows = torch.arange(len(x), device=x.device)
+        inside = cell_masks(cells, tuple(x.shape[-2:]), grid)
+
+        def objective(candidate: torch.Tensor) -> torch.Tensor:
+            return model.activation(candidate)[rows, code, cells[:, 0], cells[:, 1]]
+
+        adversarial = pgd_outside(x, inside, objective, eps=settings.eps, step=settings.step, steps=settings.steps)
+        after = model.outputs(adversarial)
+        a_before = before.activation[rows, code, cells[:, 0], cells[:, 1]]
+        a_after = after.activation[rows, code, cells[:, 0], cells[:, 1]]
+        totals["pac"].append(100 * (a_before - a_after) / a_before.clamp_min(1e-12))
+        rank_before = _rank(model.contributions_to(before, predicted), code)
+        rank_after = _rank(model.contributions_to(after, predicted), code)
+        totals["prc"].append((rank_after - rank_before).abs().float())
+        totals["plc"].append(100 * (1 - top_fraction_iou(before.activation[rows, code], after.activation[rows, code])))
+        totals["clean"].append((before.logits.argmax(1) == y).float())
+        totals["attacked"].append((after.logits.argmax(1) == y).float())
+    means = {name: float(torch.cat(values).mean()) if values else None for name, values in totals.items()}
+    change = means["attacked"] - means["clean"] if totals["clean"] else None
+    return {"pac": means["pac"], "prc": means["prc"], "plc": means["plc"], "accuracy_clean": means["clean"],
+            "accuracy_attacked": means["attacked"], "accuracy_change": change,
+            "images": int(len(pixels)), "eps": settings.eps, "steps": settings.steps}
+
+
+# ---- stability under noise -----------------------------------------------------------------------------------
+
+def stability(model: ImageModel, pixels: torch.Tensor, *, sigma: float, codes_per_image: int = 10, seed: int = 0,
+              batch_size: int = 8) -> dict:
+    """Fraction of (image, code) activations whose argmax cell moves at most one cell (Chebyshev) when
+    Gaussian noise of std `sigma` (pixels in [0, 1], clipped) is added to the input.
+
+    Codes per image: the `codes_per_image` largest positive contributions to the predicted class
+    (what an explanation shows). sigma = 0 gives exactly 1.0.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    stable, counted = 0, 0
+    for start in range(0, len(pixels), batch_size):
+        x = pixels[start:start + batch_size]
+        clean = model.outputs(x)
+        contributions = model.contributions_to(clean, clean.logits.argmax(dim=1))  # (B, K)
+        values, codes = contributions.topk(min(codes_per_image, contributions.shape[1]), dim=1)  # (B, n)
+        noise = torch.randn(x.shape, generator=generator).to(x.device)  # CPU generator: the same noise anywhere
+        noisy_pixels = (x + sigma * noise).clamp(0.0, 1.0)
+        noisy = model.outputs(noisy_pixels)
+        cells_clean = peak_locations(clean.activation).gather(1, codes[..., None].expand(-1, -1, 2))  # (B, n, 2)
+        cells_noisy = peak_locations(noisy.activation).gather(1, codes[..., None].expand(-1, -1, 2))
+        near = (cells_clean - cells_noisy).abs().amax(dim=-1) <= 1  # (B, n)
+        shown = values > 0
+        stable += int((near & shown).sum())
+        counted += int(shown.sum())
+    return {"stability": stable / counted if counted else None, "sigma": sigma,
+            "images": int(len(pixels)), "activations": counted}
+
+
+# ---- deletion (FunnyBirds style) ----------------------------------------------------------------------------
+
+@dataclass
+class PartImage:
+    """An original image with its annotations (original pixels)."""
+
+    image: Image.Image
+    label: int
+    bird_box: Box | None  # the object's box (CUB bounding box); also the crop for crop_to_box caches
+    part_locs: np.ndarray  # (P, 3) x, y, visible (pixel indices)
+    part_boxes: np.ndarray | None  # (P, 4) x, y, w, h; zeros when the part is not visible
+
+
+def network_view(item: PartImage, preprocessing: Preprocessing) -> Image.Image:
+    """What the cache fed the backbone: the image, cropped to its box for crop_to_box caches."""
+    return crop_box(item.image, item.bird_box) if preprocessing.crop_to_box else item.image
+
+
+def background_colour(image: Image.Image, bird_box: Box | None, ring: int = 4) -> np.ndarray:
+    """Median colour of a `ring`-pixel band just outside the object box (the image border without one)."""
+    pixels = np.asarray(image.convert("RGB"))
+    height, width = pixels.shape[:2]
+    band = np.zeros((height, width), dtype=bool)
+    if bird_box is not None:
+        x, y, w, h = bird_box
+        x0, y0, x1, y1 = int(math.floor(x)), int(math.floor(y)), int(math.ceil(x + w)), int(math.ceil(y + h))
+        band[max(0, y0 - ring):y1 + ring, max(0, x0 - ring):x1 + ring] = True
+        band[max(0, y0):y1, max(0, x0):x1] = False
+    if not band.any():
+        band[:ring], band[-ring:], band[:, :ring], band[:, -ring:] = True, True, True, True
+    return np.median(pixels[band], axis=0).astype(np.uint8)
+
+
+def paint(image: Image.Image, box: Box, colour: np.ndarray) -> Image.Image:
+    """A copy of `image` with the whole pixels covering `box` set to `colour`."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    x, y, w, h = box
+    pixels[max(0, int(math.floor(y))):int(math.ceil(y + h)), max(0, int(math.floor(x))):int(math.ceil(x + w))] = colour
+    return Image.fromarray(pixels)
+
+
+def _overlaps(a: Box, b: Box | None) -> bool:
+    if b is None:
+        return False
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def random_background_box(area: Box, width: float, height: float, avoid: list[Box | None],
+                          rng: np.random.Generator, tries: int = 200) -> Box:
+    """A width x height box inside `area` overlapping none of `avoid` (the last draw when none fits)."""
+    box = (area[0], area[1], width, height)
+    for _ in range(tries):
+        box = (area[0] + float(rng.uniform(0, max(area[2] - width, 0))),
+               area[1] + float(rng.uniform(0, max(area[3] - height, 0))), width, height)
+        if not any(_overlaps(box, other) for other in avoid):
+            return box
+    return box
+
+
+def part_under_box(box: Box, part_locs: np.ndarray) -> int | None:
+    """Index of the visible part whose keypoint lies in `box`, nearest its centre; None when none does."""
+    centres = part_locs[:, :2] + PIXEL_CENTRE
+    inside = box_contains(np.asarray(box), centres[:, 0], centres[:, 1]) & (part_locs[:, 2] > 0)
+    if not inside.any():
+        return None
+    middle = np.array([box[0] + box[2] / 2, box[1] + box[3] / 2])
+    distance = np.where(inside, np.linalg.norm(centres - middle, axis=1), np.inf)
+    return int(distance.argmin())
+
+
+def deletion(model: ImageModel, items: list[PartImage], preprocessing: Preprocessing, *, seed: int = 0) -> dict:
+    """Remove the part under each image's top prototype, then an equal-size random background patch.
+
+    The part is the visible part whose keypoint lies in the prototype's receptive box (nearest its
+    centre); it is painted over (its part box, or a box of the receptive box's size around the
+    keypoint) with the background colour measured around the object box. The random patch has the
+    same size and colour, and lies where the network looks but off the object box when it can (for
+    crop_to_box caches the network sees only the box: then off the part). Reported: mean drop of
+    the predicted class's logit for each, and the fraction of images where the part's drop is larger.
+    Images whose top prototype covers no annotated part are counted in `skipped`.
+    """
+    rng = np.random.default_rng(seed)
+    part_drops, random_drops, skipped = [], [], 0
+    for item in items:
+        clean = model.outputs(model.pixels(network_view(item, preprocessing))[None])
+        predicted, _, cells = top_prototypes(model, clean)
+        geometry = preprocessing.image(item.image.size, item.bird_box)
+        receptive = tuple(geometry.cell_box(int(cells[0, 0]), int(cells[0, 1])).tolist())
+        part = part_under_box(receptive, item.part_locs)
+        if part is None:
+            skipped += 1
+            continue
+        region = _part_region(item, part, receptive)
+        colour = background_colour(item.image, item.bird_box)
+        control = _control_box(item, region, preprocessing, rng)
+        score = float(clean.logits[0, predicted[0]])
+        for box, drops in ((region, part_drops), (control, random_drops)):
+            painted = PartImage(paint(item.image, box, colour), item.label, item.bird_box, item.part_locs, item.part_boxes)
+            after = model.outputs(model.pixels(network_view(painted, preprocessing))[None])
+            drops.append(score - float(after.logits[0, predicted[0]]))
+    part_drops, random_drops = np.asarray(part_drops), np.asarray(random_drops)
+    used = len(part_drops)
+    return {"part_drop": float(part_drops.mean()) if used else None,
+            "random_drop": float(random_drops.mean()) if used else None,
+            "part_beats_random": float((part_drops > random_drops).mean()) if used else None,
+            "images": used, "skipped": skipped}
+
+
+def _control_box(item: PartImage, region: Box, preprocessing: Preprocessing, rng: np.random.Generator) -> Box:
+    """Where the random patch may go: anywhere the network looks, off the object (or the part)."""
+    if preprocessing.crop_to_box and item.bird_box is not None:
+        return random_background_box(item.bird_box, region[2], region[3], [region], rng)
+    whole = (0.0, 0.0, float(item.image.width), float(item.image.height))
+    return random_background_box(whole, region[2], region[3], [item.bird_box, region], rng)
+
+
+def _part_region(item: PartImage, part: int, receptive: Box) -> Box:
+    """The part's own box when annotated, else a receptive-box-sized square around its keypoint."""
+    if item.part_boxes is not None and item.part_boxes[part, 2] > 0 and item.part_boxes[part, 3] > 0:
+        return tuple(float(v) for v in item.part_boxes[part])
+    x, y = item.part_locs[part, :2] + PIXEL_CENTRE
+    return (float(x - receptive[2] / 2), float(y - receptive[3] / 2), float(receptive[2]), float(receptive[3]))

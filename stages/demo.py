@@ -1,0 +1,241 @@
+"""`protoquant demo`: the whole pipeline on generated birds with real pretrained weights, offline.
+
+make-birds -> extract (tf_efficientnet_lite0, built-in ImageNet weights) -> FAISS codebook -> train
+-> evaluate (accuracy, probe, purity, local size) -> per-class top-k curve -> gallery -> explanations
+-> one DIR/index.html that links everything. Each step is skipped when its output is already complete
+(DIR/demo-state.json records what finished with which settings), so a second run costs seconds:
+the cache's promise, that the backbone runs once, shown on the user's own machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipeline import render
+from pipeline.cache import Cache
+from pipeline.data import evaluation_source
+from pipeline.errors import ProtoquantError
+from pipeline.model import prune_top_k_per_class
+from pipeline.plots import Series, line_chart
+from pipeline.training import iter_log, open_run
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo; `quick` is the one the tests run."""
+
+    classes: int = 6
+    per_class: int = 60
+    size: int = 224
+    k: int = 96
+    epochs: int = 30
+    probe_epochs: int = 30
+    codebook_epochs: int = 10
+    views: int = 0
+    explain_images: int = 4
+    metric_images: int = 16
+    workers: int = 2
+    seed: int = 0
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(classes=4, per_class=12, size=128, k=24, epochs=8, probe_epochs=10, codebook_epochs=3,
+                     explain_images=2, metric_images=4, workers=0)
+TOP_K = (1, 2, 3, 5, 10)
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path
+    figures: dict
+    seconds: float
+    skipped_steps: list[str]
+
+
+class _Steps:
+    """Runs named steps once: a step whose settings and outputs are recorded as done is skipped."""
+
+    def __init__(self, out: Path, settings: DemoSettings, say: Callable[[str], None]):
+        self.state_path = out / "demo-state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.settings = asdict(settings)
+        self.say = say
+        self.skipped: list[str] = []
+
+    def run(self, name: str, outputs: list[Path], action: Callable[[], object]) -> None:
+        recorded = self.state.get(name)
+        if recorded == self.settings and all(p.exists() for p in outputs):
+            self.say(f"[dim]{name}: already done, skipped[/]")
+            self.skipped.append(name)
+            return
+        begin = time.perf_counter()
+        self.say(f"[bold]{name}[/] ...")
+        action()
+        self.state[name] = self.settings
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.state_path)
+        self.say(f"{name}: done in {time.perf_counter() - begin:.1f} s")
+
+
+def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[str], None] = print,
+         progress: bool = False) -> DemoResult:
+    """Run the whole pipeline into OUT (resuming: finished steps are skipped)."""
+    from pipeline.birds import make_birds
+    from stages.codebook import CodebookSettings, build_codebook
+    from stages.evaluate import evaluate
+    from stages.explain import explain
+    from stages.extract import extract
+    from stages.gallery import gallery
+    from stages.interpret import MetricSettings, interpretability_metrics
+    from stages.train import TrainSettings, train
+
+    started = time.perf_counter()
+    settings = QUICK if quick else FULL
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(out, settings, say)
+    birds, cache, codebook, run = out / "birds", out / "birds.zarr", out / "codebook.safetensors", out / "run"
+    figures_path = out / "figures.json"
+
+    steps.run("make-birds", [birds / "images.txt"], lambda: make_birds(
+        birds, classes=settings.classes, per_class=settings.per_class, size=settings.size, seed=settings.seed,
+        overwrite=True))
+    steps.run("extract", [cache / "zarr.json"], lambda: extract(
+        birds, cache, backbone="tf_efficientnet_lite0", pretrained=True, image_size=settings.size,
+        views=settings.views, workers=settings.workers, batch_size=32, overwrite=True, progress=progress))
+    steps.run("codebook", [codebook], lambda: build_codebook(cache, codebook, CodebookSettings(k=settings.k, seed=settings.seed)))
+    steps.run("train", [run / "head.safetensors"], lambda: train(
+        cache, codebook, run, TrainSettings(epochs=settings.epochs, probe_epochs=settings.probe_epochs,
+                                            codebook_epochs=settings.codebook_epochs, seed=settings.seed),
+        overwrite=True, progress=progress))
+
+    def measure() -> None:
+        evaluation = evaluate(run, cache=cache, split="test").to_json()
+        metrics = interpretability_metrics(run, birds, cache=cache, settings=MetricSettings(max_images=settings.metric_images))
+        figures = {"evaluation": evaluation, "interpretability": metrics, "top_k": top_k_curve(run, cache, TOP_K)}
+        _write_json(figures_path, figures)
+
+    steps.run("evaluate", [figures_path], measure)
+    steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds))
+    test_images = _test_images(cache, birds, settings.explain_images)
+    steps.run("explain", [out / "explain" / "index.html"], lambda: explain(run, test_images, out / "explain", cache=cache, data=birds))
+
+    figures = json.loads(figures_path.read_text())
+    report = write_report(out, run, figures, settings)
+    return DemoResult(out=out, report=report, figures=figures, seconds=time.perf_counter() - started,
+                      skipped_steps=steps.skipped)
+
+
+@torch.no_grad()
+def top_k_curve(run_path: Path, cache_path: Path, ks: tuple[int, ...]) -> list[dict]:
+    """Test accuracy when each class keeps only its k largest weights (no retraining; METHOD.md pruning)."""
+    from stages.evaluate import score_head
+
+    run = open_run(run_path)
+    test = Cache(cache_path).split("test")
+    points = []
+    n_codes = int(run.head.codes.shape[0])
+    for k in (*ks, n_codes):
+        head = copy.deepcopy(run.head)
+        if k < n_codes:
+            head.weight.data = prune_top_k_per_class(head.weight.data, k)
+        scored = score_head(head, None, evaluation_source(test, batch_size=256), run.classes, split="test",
+                            device=torch.device("cpu"))
+        points.append({"k": k, "top1": scored.top1, "codes_used": scored.codes_used, "local_size": scored.local_size,
+                       "full": k == n_codes})
+    return points
+
+
+def _test_images(cache_path: Path, birds: Path, count: int) -> list[Path]:
+    """A few test images, one per class first, as files on disk (explain takes image paths)."""
+    test = Cache(cache_path).split("test")
+    chosen, seen = [], set()
+    for image_id, label in zip(test.ids, test.labels):
+        if label not in seen:
+            seen.add(int(label))
+            chosen.append(birds / str(image_id))
+        if len(chosen) == count:
+            break
+    if not chosen:
+        raise ProtoquantError(f"{cache_path} has no test images to explain")
+    return chosen
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def _percent(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSettings) -> Path:
+    """DIR/index.html: the figures, two plots, and links to the gallery and the explanations."""
+    evaluation, interp, curve = figures["evaluation"], figures["interpretability"], figures["top_k"]
+    purity = interp.get("purity", {})
+    epochs = [r for r in iter_log(run_path / "log.jsonl") if r.get("val_top1") is not None]
+    phases = sorted({r["phase"] for r in epochs}, key=["probe", "codebook", "head"].index)
+    per_epoch = line_chart(
+        [Series(phase, [(r["epoch"], r["val_top1"]) for r in epochs if r["phase"] == phase]) for phase in phases],
+        title="validation accuracy per epoch", x_label="epoch", y_label="top-1", y_range=(0.0, 1.0))
+    full = next(p for p in curve if p["full"])
+    top_k = line_chart(
+        [Series("per-class top-k (no retraining)", [(p["k"], p["top1"]) for p in curve if not p["full"]]),
+         Series(f"full head ({full['codes_used']} codes)", [(p["k"], full["top1"]) for p in curve if not p["full"]])],
+        title="interpretability vs accuracy", x_label="weights kept per class (k)", y_label="test top-1",
+        y_range=(0.0, 1.0), log_x=True)
+    rows = [
+        ["ProtoQuant head, test top-1", _percent(evaluation["top1"])],
+        ["linear probe (reference), test top-1", _percent(evaluation["probe_top1"])],
+        ["test top-5", _percent(evaluation["top5"])],
+        ["codes in use", f"{evaluation['codes_used']} of {evaluation['codes_total']}"],
+        ["mean local explanation size", f"{evaluation['local_size']:.1f} codes"],
+        ["purity (PIP-Net protocol, mean)", f"{purity['mean']:.3f}" if purity.get("mean") is not None else "-"],
+        ["codes with purity > 0.5", str(purity.get("above_0_5", "-"))],
+        ["test images", str(evaluation["n"])],
+    ]
+    table = render.table(["figure", "value"], [[render.esc(a), render.esc(b)] for a, b in rows])
+    gallery_thumbs = sorted((out / "gallery" / "thumbs").glob("*.jpg"))[:6]
+    strip = "".join(f'<img src="{render.esc(str(p.relative_to(out)))}" alt="prototype patch" width="96" height="96">'
+                    for p in gallery_thumbs)
+    body = f"""
+<h1>protoquant demo</h1>
+<p>{settings.classes} generated bird classes ({settings.per_class} images each, {settings.size} px), frozen
+tf_efficientnet_lite0 with its built-in ImageNet weights, K = {settings.k} prototypical parts.
+Every number below comes from this run; <code>demo-state.json</code> records which steps ran.</p>
+<h2>Results</h2>{table}
+<h2>Look inside</h2>
+<ul>
+<li><a href="gallery/index.html">Prototype gallery</a>: every code in use with its nearest training patches, and one page per class.</li>
+<li><a href="explain/index.html">Explained test images</a>: the prediction, the parts that drove it, and where they fired.</li>
+</ul>
+<div class="strip">{strip}</div>
+<h2>Training</h2>{per_epoch}
+<h2>Accuracy against explanation size</h2>
+<p>Each class keeps only its k largest weights (the paper's per-class top-k, no retraining).</p>{top_k}
+<h2>Interpretability metrics</h2>
+<pre>{render.esc(json.dumps({k: v for k, v in interp.items() if k != 'grounding'}, indent=1, default=float)[:4000])}</pre>
+"""
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>protoquant demo</title>
+<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
+.strip img{{margin:2px;border:1px solid #999}}pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style>
+</head><body>{body}</body></html>"""
+    report = out / "index.html"
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(page)
+    os.replace(tmp, report)
+    return report
+

@@ -1,0 +1,360 @@
+"""Stage 3: train a ProtoQuant head from the feature cache alone (METHOD.md stages A and B).
+
+Three phases, each selecting its best epoch on a validation split carved from train:
+    probe      global average pool + linear on the cached grids: the frozen reference classifier
+               (or, with use_backbone_head, the timm model's own classifier: no training)
+    codebook   stage A: every patch replaced by its nearest code (cosine argmax, raw code), the
+               quantized grid through the frozen probe; cross-entropy + dictionary MSE; only codes learn
+    head       stage B: cosine similarity, softmax over codes (tau), spatial max, relu(W) with
+               W ~ N(1, 0.1); codes frozen unless train_codes; optional L1 on relu(W)
+
+RUN is written into a temporary directory beside it (`.RUN.partial`, which also holds the checkpoint
+that --resume continues from after every epoch) and renamed onto RUN at the end:
+    head.safetensors   codes, W, code mask, tau, class names (pipeline.model.save_head)
+    probe.safetensors  the linear probe (absent with use_backbone_head)
+    config.json        every setting, the cache (path, fingerprint, provenance), codebook, versions
+    metrics.json       validation accuracy of probe / quantized probe / head, best epochs, timings
+    log.jsonl          one record per epoch and phase
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from pipeline.cache import Cache
+from pipeline.codebook import check_fingerprint, load_codebook, read_artifact, write_artifact
+from pipeline.data import FeatureSource, TrainingData, open_training_data, parse_memory
+from pipeline.errors import ProtoquantError
+from pipeline.model import ProbeHead, ProtoQuantHead, codes_in_use, save_head, save_probe, stage_a_loss
+from pipeline.training import (Distributed, EpochDisplay, OptimSettings, Phase, PhaseState, accuracy, backbone_head,
+                               classification_loss, code_grounding,
+                               finish_run_dir, init_distributed, optimizer_from_artifact, optimizer_to_artifact,
+                               prepare_run_dir, resolve_device, run_phase, state_to_tensors, tensors_to_state,
+                               work_dir_for, write_json, write_log)
+
+PHASES = ("probe", "codebook", "head")
+# Settings that may differ when a stopped run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = ("device",)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every option of `protoquant train` (recorded in RUN/config.json)."""
+
+    epochs: int = 40                  # stage B (the interpretable head)
+    probe_epochs: int = 30
+    codebook_epochs: int = 10         # stage A
+    batch_size: int = 128
+    probe_lr: float = 1e-3
+    codebook_lr: float = 5e-4         # METHOD.md stage A reference setting (Adam)
+    head_lr: float = 3e-2
+    codes_lr: float = 0.015           # stage B codes (train_codes), relative to their RMS coordinate
+    weight_decay: float = 1e-4        # AdamW, probe and head weights
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dict_weight: float = 1.0          # METHOD.md stage A: weight of the dictionary MSE
+    tau: float = 0.1
+    train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
+    l1: float = 0.0                   # L1 on relu(W), per weight
+    mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_memory: str = "auto"          # RAM budget for the train split; above it the split is streamed
+    use_views: bool = True            # draw one cached augmented view per image and epoch, when present
+    use_backbone_head: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metrics: dict
+    resumed: bool
+
+
+class CodebookParameter(nn.Module):
+    """The codebook as the only trainable tensor of stage A."""
+
+    def __init__(self, codes: torch.Tensor):
+        super().__init__()
+        self.codes = nn.Parameter(codes.detach().float().clone())  # (K, D)
+
+
+def train(
+    cache_path: str | Path,
+    codebook_path: str | Path,
+    out: str | Path,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    weights: str | Path | None = None,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train probe, codebook and head from CACHE starting at CODEBOOK; write the run to OUT.
+
+    weights: the backbone's local weights file, needed only with use_backbone_head for caches made
+    with --weights. on_epoch receives each epoch's log record after the checkpoint is on disk.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    device = resolve_device(settings.device)
+    dist = init_distributed(device)
+    _check_settings(settings)
+    cache = Cache(cache_path)
+    cache.require_complete()
+    codes, codebook_meta = load_codebook(codebook_path)
+    check_fingerprint(codebook_meta, cache.fingerprint, "codebook", codebook_path, cache=cache.path)
+    if codes.shape[1] != cache.dim:
+        raise ProtoquantError(f"codebook {codebook_path} has {codes.shape[1]}-dimensional codes but cache {cache.path} "
+                              f"holds {cache.dim}-dimensional features: build the codebook from this cache")
+    work = work_dir_for(out)
+    if dist.is_main:
+        prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    dist.barrier()
+    split = cache.split("train")
+    data = open_training_data(split, val_fraction=settings.val_fraction, seed=settings.seed,
+                              batch_size=settings.batch_size, max_memory=parse_memory(settings.max_memory),
+                              use_views=settings.use_views, rank=dist.rank, world=dist.world)
+    on_gpu = data.ram is not None and data.ram.move_to_gpu_if_it_fits(device)
+    config = _config(cache, codebook_path, codebook_meta, settings, data, dist, on_gpu)
+    states = _read_checkpoint(work / "checkpoint.safetensors", config) if resume else {}
+    resumed = bool(states)
+
+    classes = cache.classes
+    trainer = _Trainer(settings, data, device, dist, work, config, states, on_epoch)
+    with EpochDisplay(progress and dist.is_main) as display:
+        trainer.display = display
+        probe = trainer.probe(cache, weights)
+        codes = trainer.codebook(codes.to(device), probe)
+        head = trainer.head(codes, len(classes))
+        metrics = trainer.final_metrics(probe, codes, head)
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    if dist.is_main:
+        meta = {"cache_fingerprint": cache.fingerprint, "settings": asdict(settings)}
+        save_head(work / "head.safetensors", head, classes=classes, meta=meta)
+        if not settings.use_backbone_head:
+            save_probe(work / "probe.safetensors", probe, classes=classes, meta=meta)
+        write_json(work / "config.json", config)
+        write_json(work / "metrics.json", metrics)
+        write_log(work / "log.jsonl", trainer.history())
+        finish_run_dir(work, out)
+    dist.barrier()
+    return TrainResult(path=out, metrics=metrics, resumed=resumed)
+
+
+def _check_settings(settings: TrainSettings) -> None:
+    for name in ("epochs", "probe_epochs", "codebook_epochs"):
+        if getattr(settings, name) < 0:
+            raise ProtoquantError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(settings, name)}")
+    if settings.batch_size < 1:
+        raise ProtoquantError(f"--batch-size must be at least 1, got {settings.batch_size}")
+    if settings.tau <= 0:
+        raise ProtoquantError(f"--tau must be positive, got {settings.tau}")
+
+
+class _Trainer:
+    """Runs the three phases in order, each resumed from its checkpointed state when there is one."""
+
+    def __init__(self, settings: TrainSettings, data: TrainingData, device: torch.device, dist: Distributed,
+                 work: Path, config: dict, states: dict[str, PhaseState], on_epoch):
+        self.settings, self.data, self.device, self.dist = settings, data, device, dist
+        self.work, self.config, self.states, self.user_on_epoch = work, config, states, on_epoch
+        self.display: EpochDisplay | None = None
+        self.val_scores: dict[str, float] = {}
+
+    # --- the phases ---
+
+    def probe(self, cache: Cache, weights) -> nn.Module:
+        """The frozen reference classifier: trained linear probe, or the backbone's own head."""
+        s = self.settings
+        if s.use_backbone_head:
+            probe = backbone_head(cache.provenance, len(cache.classes), weights=weights, device=self.device)
+            self.val_scores["probe"] = self._val(probe)
+            return probe
+        probe = ProbeHead(cache.dim, len(cache.classes)).to(self.device)
+        loss = classification_loss(probe, len(cache.classes), label_smoothing=s.label_smoothing, mixup_alpha=s.mixup)
+        phase = Phase("probe", probe, [{"params": list(probe.parameters())}], loss,
+                      lambda: {"val_top1": self._val(probe)},
+                      OptimSettings(s.probe_epochs, s.probe_lr, s.weight_decay, s.warmup_epochs, "adamw"))
+        self._run(phase)
+        self.val_scores["probe"] = self._val(probe)
+        return probe.eval().requires_grad_(False)
+
+    def codebook(self, initial_codes: torch.Tensor, probe: nn.Module) -> torch.Tensor:
+        """Stage A: codes learn through the frozen probe; returns the best epoch's codes (K, D)."""
+        s = self.settings
+        book = CodebookParameter(initial_codes).to(self.device)
+
+        def loss(f, y, rng):
+            value, parts = stage_a_loss(f, book.codes, probe, y, label_smoothing=s.label_smoothing,
+                                        dict_weight=s.dict_weight)
+            return value, {"ce": float(parts["ce"]), "dict": float(parts["dict"])}
+
+        phase = Phase("codebook", book, [{"params": [book.codes]}], loss, lambda: self._val_quantized(probe, book.codes),
+                      OptimSettings(s.codebook_epochs, s.codebook_lr, 0.0, s.warmup_epochs, "adam"))
+        self._run(phase)
+        self.val_scores["quantized_probe"] = self._val_quantized(probe, book.codes)["val_top1"]
+        return book.codes.detach().clone()
+
+    def head(self, codes: torch.Tensor, num_classes: int) -> ProtoQuantHead:
+        """Stage B: the interpretable head on the stage A codes."""
+        s = self.settings
+        head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed).to(self.device)
+        self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
+        self.val_scores["head"] = self._val(head)
+        return head.eval()
+
+    # --- shared pieces ---
+
+    def _val(self, model: nn.Module) -> float:
+        return accuracy(model, self.data.val, device=self.device, dist=self.dist)
+
+    @torch.no_grad()
+    def _val_quantized(self, probe: nn.Module, codes: torch.Tensor) -> dict:
+        """Validation accuracy of probe(quantized grid) and how many codes the validation patches pick."""
+        from pipeline.model import quantize
+
+        used = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
+
+        def classify(f):
+            q, idx = quantize(f, codes)  # (B, H, W, D), (B, H, W)
+            used[idx.flatten()] = True
+            return probe(q)
+
+        top1 = accuracy(classify, self.data.val, device=self.device, dist=self.dist)
+        return {"val_top1": top1, "codes_in_use": int(self.dist.any(used).sum())}
+
+    def _run(self, phase: Phase) -> PhaseState:
+        state = self.states.get(phase.name)
+        if self.display is not None:
+            self.display.start(phase.name, phase.settings.epochs, state.epoch if state else 0)
+
+        def on_epoch(current: PhaseState) -> None:
+            self.states[phase.name] = current
+            if self.dist.is_main:
+                self._save_checkpoint(phase.name)
+                write_log(self.work / "log.jsonl", self.history())
+            if self.display is not None:
+                self.display.update(current.history[-1])
+            if self.user_on_epoch is not None:
+                self.user_on_epoch(current.history[-1])
+
+        final = run_phase(phase, self.data.train, device=self.device, seed=self.settings.seed, dist=self.dist,
+                          state=state, on_epoch=on_epoch)
+        self.states[phase.name] = final
+        return final
+
+    def history(self) -> list[dict]:
+        return [record for name in PHASES if name in self.states for record in self.states[name].history]
+
+    def _save_checkpoint(self, current: str) -> None:
+        """Completed phases keep their best weights; the current one also its latest weights and optimizer."""
+        tensors, phases = {}, {}
+        for name, state in self.states.items():
+            tensors |= state_to_tensors(f"{name}.best", state.best)
+            meta = {"epoch": state.epoch, "best_score": state.best_score, "best_epoch": state.best_epoch,
+                    "history": state.history}
+            if name == current:
+                tensors |= state_to_tensors(f"{name}.model", state.model)
+                opt_tensors, meta["optimizer"] = optimizer_to_artifact(f"{name}.opt", state.optimizer)
+                tensors |= opt_tensors
+            phases[name] = meta
+        write_artifact(self.work / "checkpoint.safetensors", tensors, kind="checkpoint",
+                       fields={"resume_key": _resume_key(self.config), "phases": phases})
+
+    def final_metrics(self, probe: nn.Module, codes: torch.Tensor, head: ProtoQuantHead) -> dict:
+        best = {name: self.states[name].best_epoch for name in PHASES if name in self.states}
+        seconds = {name: round(sum(r["seconds"] for r in self.states[name].history), 3)
+                   for name in PHASES if name in self.states}
+        grounding = code_grounding(head.codes, self.data.scan(self.data.train_rows), device=self.device, dist=self.dist)
+        in_use = codes_in_use(head).cpu()
+        return {
+            "val_top1": {"probe": self.val_scores.get("probe"), "quantized_probe": self.val_scores.get("quantized_probe"),
+                         "head": self.val_scores.get("head")},
+            "grounding": {"mean_max_cosine": float(grounding.mean()),
+                          "mean_max_cosine_in_use": float(grounding[in_use].mean()) if in_use.any() else float("nan")},
+            "best_epoch": best, "phase_seconds": seconds, "codes_in_use": int(codes_in_use(head).sum()),
+            "k": int(codes.shape[0]), "n_train": int(len(self.data.train_rows)), "n_val": int(len(self.data.val_rows)),
+            "data_path": "ram" if self.data.in_ram else "stream", "views": self.data.views,
+        }
+
+
+def head_phase(name: str, head: ProtoQuantHead, settings: TrainSettings, epochs: int, val: FeatureSource,
+               device: torch.device, dist: Distributed) -> Phase:
+    """Stage B (also prune's fine-tuning): W with AdamW, codes too with train_codes; selected on val top-1."""
+    s = settings
+    groups = [{"params": [head.weight], "lr": s.head_lr, "weight_decay": s.weight_decay}]
+    if s.train_codes:  # a relative rate: the same setting suits backbones whose features differ in scale
+        rms = float(head.codes.detach().pow(2).mean().sqrt())
+        groups.append({"params": [head.codes], "lr": s.codes_lr * rms, "weight_decay": 0.0})
+    penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None
+    loss = classification_loss(head, head.weight.shape[0], label_smoothing=s.label_smoothing, mixup_alpha=s.mixup,
+                               penalty=penalty)
+
+    def validate() -> dict:
+        return {"val_top1": accuracy(head, val, device=device, dist=dist), "codes_in_use": int(codes_in_use(head).sum())}
+
+    return Phase(name, head, groups, loss, validate, OptimSettings(epochs, s.head_lr, s.weight_decay, s.warmup_epochs, "adamw"))
+
+
+def _config(cache: Cache, codebook_path, codebook_meta: dict, settings: TrainSettings, data: TrainingData,
+            dist: Distributed, on_gpu: bool) -> dict:
+    """Everything a later command needs to know about how RUN was made."""
+    val_digest = hashlib.sha256(np.ascontiguousarray(data.val_rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return {
+        "command": "train",
+        "settings": asdict(settings),
+        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "classes": cache.classes,
+                  "grid": list(cache.grid), "dim": cache.dim, "provenance": cache.provenance},
+        "codebook": {"path": str(Path(codebook_path).resolve()), "meta": codebook_meta},
+        "validation": {"split": "train", "fraction": settings.val_fraction, "seed": settings.seed,
+                       "rows": int(len(data.val_rows)), "rows_sha256": val_digest},
+        "data": {"path": "ram" if data.in_ram else "stream", "views": data.views, "world_size": dist.world,
+                 "device": str(dist.device), "rows_on_gpu": on_gpu},
+        "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _resume_key(config: dict) -> dict:
+    """What must not change between a stopped run and its resumption."""
+    settings = {k: v for k, v in config["settings"].items() if k not in RESUMABLE_CHANGES}
+    return {"settings": settings, "cache": config["cache"]["fingerprint"],
+            "codebook": config["codebook"]["meta"].get("created_utc"), "validation": config["validation"]["rows_sha256"]}
+
+
+def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
+    """Phase states of a stopped run; refuse one started with other settings or inputs."""
+    if not path.is_file():
+        return {}
+    tensors, fields = read_artifact(path, kind="checkpoint")
+    theirs, ours = fields.get("resume_key", {}), _resume_key(config)
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs.get("settings", {})) | set(ours["settings"])
+                      if theirs.get("settings", {}).get(k) != ours["settings"].get(k))
+        diff += [k for k in ("cache", "codebook", "validation") if theirs.get(k) != ours[k]]
+        raise ProtoquantError(f"--resume: the stopped run in {path.parent} was started with other settings or inputs "
+                              f"(differs in: {', '.join(diff)}); use the same options, or start again without --resume")
+    states = {}
+    for name, meta in fields.get("phases", {}).items():
+        state = PhaseState(epoch=meta["epoch"], best=tensors_to_state(f"{name}.best", tensors),
+                           best_score=meta["best_score"], best_epoch=meta["best_epoch"], history=meta["history"])
+        if "optimizer" in meta:
+            state.model = tensors_to_state(f"{name}.model", tensors)
+            state.optimizer = optimizer_from_artifact(f"{name}.opt", tensors, meta["optimizer"])
+        states[name] = state
+    return states

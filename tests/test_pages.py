@@ -1,0 +1,201 @@
+"""The static pages (gallery, explain, edit report) in a real headless Chromium, on a real small run.
+
+A birds dataset (make-birds) goes through the real stages - extract with a random-init timm ViT,
+codebook, train - and the pages are written from that run. Every page reachable from each site's
+index is opened from file://: every <img> must decode (naturalWidth > 0), every relative link must
+point at a file that loads (and at an element, for #anchors), no page may reference the network,
+and a screenshot must not be blank. Chromium is Debian's (installed by .ci/run); without it the
+browser tests are skipped locally and fail in CI (CI set).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import deque
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cli
+from pipeline.grounding import GROUNDING_FILE
+from pipeline.model import codes_in_use, load_head, save_head
+from stages.codebook import CodebookSettings, build_codebook
+from stages.explain import ExplainSettings, explain
+from stages.extract import extract
+from stages.gallery import GallerySettings, gallery
+from stages.interpret import MetricSettings, interpretability_metrics, prune_report
+from stages.make_birds import make_birds
+from stages.train import TrainSettings, train
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync",
+                 "--window-size=1280,900")
+# Decode every image of the page afresh (lazy images below the fold have not loaded yet): -> naturalWidths.
+DECODE_ALL = """
+const done = arguments[arguments.length - 1];
+Promise.all([...document.images].map(i => { const copy = new Image(); copy.src = i.src;
+    return copy.decode().then(() => copy.naturalWidth, () => 0); })).then(done);
+"""
+
+
+@pytest.fixture(scope="module")
+def birds_run(tmp_path_factory) -> dict[str, Path]:
+    """make-birds (4 classes x 10 images, 128 px) -> extract (test_vit) -> codebook (12) -> train -> RUN."""
+    root = tmp_path_factory.mktemp("pages")
+    make_birds(root / "birds", classes=4, per_class=10, size=128, seed=0)
+    extract(root / "birds", root / "cache.zarr", backbone="test_vit", image_size=128, workers=0, batch_size=20)
+    build_codebook(root / "cache.zarr", root / "codebook.safetensors", CodebookSettings(k=12))
+    train(root / "cache.zarr", root / "codebook.safetensors", root / "run",
+          TrainSettings(epochs=3, probe_epochs=3, codebook_epochs=1, batch_size=16))
+    return {"root": root, "data": root / "birds", "cache": root / "cache.zarr", "run": root / "run"}
+
+
+@pytest.fixture(scope="module")
+def sites(birds_run) -> dict[str, Path]:
+    """The three sites written from the run: gallery, explain (2 test images) and an edit report."""
+    root = birds_run["root"]
+    gallery(birds_run["run"], root / "gallery", data=birds_run["data"], settings=GallerySettings(per_page=5, patches=4))
+    test_images = sorted((birds_run["data"] / "images").rglob("*_0001.jpg"))[:2]
+    explain(birds_run["run"], test_images, root / "explain", settings=ExplainSettings(top_codes=3, patches=3))
+    edited = root / "run-edited"
+    shutil.copytree(birds_run["run"], edited)
+    head, classes, meta = load_head(edited / "head.safetensors")
+    head.remove_codes(np.flatnonzero(codes_in_use(head).numpy())[:3])
+    save_head(edited / "head.safetensors", head, classes=classes, meta=meta)
+    prune_report(birds_run["run"], edited, root / "report")
+    return {"gallery": root / "gallery", "explain": root / "explain", "report": root / "report"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide Debian's chromium and chromium-driver (.ci/run installs them)")
+        pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="protoquant-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (*BROWSER_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def crawl(driver, site: Path) -> dict[str, dict]:
+    """Open index.html and every page reachable by relative links; check each as it is loaded.
+
+    Returns per page: image widths, its links, and its screenshot's number of distinct colours.
+    """
+    pages, queue = {}, deque([site / "index.html"])
+    while queue:
+        page = queue.popleft().resolve()
+        if str(page) in pages:
+            continue
+        source = page.read_text(encoding="utf-8")
+        assert "http://" not in source and "https://" not in source, f"{page} references the network"
+        driver.get(page.as_uri())
+        assert driver.title, f"{page} did not load"
+        widths = driver.execute_async_script(DECODE_ALL)
+        assert all(w > 0 for w in widths), f"an image of {page} does not decode: {widths}"
+        lazy = driver.execute_script("return [...document.images].every(i => i.loading === 'lazy')")
+        assert lazy, f"{page}: every image should load lazily"
+        links = driver.execute_script("return [...document.querySelectorAll('a[href]')].map(a => a.href)")
+        for link in links:
+            target = urlparse(link)
+            assert target.scheme == "file", f"{page} links off the site: {link}"
+            path = Path(unquote(target.path))
+            assert path.is_file(), f"{page} links to a missing file {path}"
+            if target.fragment:
+                assert f'id="{target.fragment}"' in path.read_text(encoding="utf-8"), f"{link}: no such anchor"
+            if path.suffix == ".html":
+                queue.append(path)
+        screenshot = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+        rgb = np.asarray(screenshot).reshape(-1, 3).astype(np.int32)
+        colours = len(np.unique(rgb[:, 0] << 16 | rgb[:, 1] << 8 | rgb[:, 2]))
+        assert colours > 20, f"{page}: the screenshot is blank ({colours} colours)"
+        pages[str(page)] = {"images": len(widths), "links": len(links), "colours": colours}
+    return pages
+
+
+def test_gallery_site_loads_with_every_image_and_link(sites, browser, birds_run):
+    pages = crawl(browser, sites["gallery"])
+    names = {Path(p).name for p in pages}
+    used = int(codes_in_use(load_head(birds_run["run"] / "head.safetensors")[0]).sum())
+    index_pages = -(-used // 5)
+    assert {"index.html", "classes.html", *(f"class-{c:03d}.html" for c in range(4))} <= names
+    assert {f"index-{n}.html" for n in range(2, index_pages + 1)} <= names  # pagination reached every page
+    index = pages[str((sites["gallery"] / "index.html").resolve())]
+    assert index["images"] == 5 * 4 and index["colours"] > 1000  # 5 codes x 4 patches, pictures on screen
+    thumbs = list((sites["gallery"] / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == used * 4  # one file per shown patch, written once
+    assert (birds_run["run"] / GROUNDING_FILE).is_file()  # stored in the run for the next page or metric
+
+
+def test_explain_pages_load_and_show_prediction_and_runner_up(sites, browser):
+    pages = crawl(browser, sites["explain"])
+    assert {Path(p).name for p in pages} == {"index.html", "image-001.html", "image-002.html"}
+    explanations = json.loads((sites["explain"] / "explanations.json").read_text())
+    assert len(explanations) == 2
+    for e in explanations:
+        assert e["runner_up"] and e["runner_up"] != e["predicted"] and 0 < e["probability"] <= 1
+        assert 0 < len(e["reasons"]) <= 3
+        contributions = [r["contribution"] for r in e["reasons"]]
+        assert contributions == sorted(contributions, reverse=True)
+        for r in e["reasons"]:
+            assert r["contribution"] == pytest.approx(r["weight"] * r["presence"], rel=1e-5)
+        page = (sites["explain"] / e["page"]).read_text()
+        assert e["predicted"] in page and e["runner_up"] in page
+    assert pages[str((sites["explain"] / "image-001.html").resolve())]["images"] >= 1 + 3 * (1 + 3)
+
+
+def test_edit_report_lists_removed_codes_and_changed_predictions(sites, browser):
+    pages = crawl(browser, sites["report"])
+    assert [Path(p).name for p in pages] == ["index.html"]
+    report = json.loads((sites["report"] / "report.json").read_text())
+    assert len(report["removed_codes"]) == 3
+    assert report["codes_in_use_after"] == report["codes_in_use_before"] - 3
+    assert report["fixed"] + report["broken"] <= report["changed_predictions"] <= report["images"]
+    html = (sites["report"] / "index.html").read_text()
+    assert all(f'id="code-{k}"' in html for k in report["removed_codes"])
+
+
+def test_cli_gallery_and_explain(birds_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["gallery", str(birds_run["run"]), "--out", str(tmp_path / "g"), "--per-page", "50",
+                                     "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["pages"] == 1 and (tmp_path / "g" / "index.html").is_file()
+    image = next((birds_run["data"] / "images").rglob("*.jpg"))
+    result = runner.invoke(cli.app, ["explain", str(birds_run["run"]), str(image), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "e" / "image-001.html").is_file()
+    result = runner.invoke(cli.app, ["explain", str(birds_run["run"]), str(tmp_path / "missing.jpg"), "--out",
+                                     str(tmp_path / "e2")])
+    assert result.exit_code != 0 and "does not exist" in str(result.exception)  # cli prints it as one line
+
+
+def test_evaluate_hook_reports_every_metric(birds_run):
+    metrics = interpretability_metrics(birds_run["run"], birds_run["data"],
+                                       settings=MetricSettings(max_images=4, steps=2, batch_size=4))
+    assert set(metrics) == {"grounding", "purity", "misalignment", "stability", "deletion"}
+    assert 0 <= metrics["purity"]["mean"] <= 1 and metrics["purity"]["codes"] > 0
+    assert 0 <= metrics["stability"]["stability"] <= 1 and metrics["misalignment"]["images"] == 4
+    assert metrics["deletion"]["images"] + metrics["deletion"]["skipped"] == 4
+    assert 0 < metrics["grounding"]["mean_cosine"] <= 1 + 1e-6
+    json.dumps(metrics, allow_nan=False)  # plain JSON, ready for metrics.json
