@@ -8,7 +8,7 @@ tf_efficientnet_lite0 at 224 px. The time of a probe and a stage A epoch from th
 too. Second table: FAISS k-means vs scikit-learn's KMeans on the same sample (spherical: the sample
 is L2-normalised; same k, same iterations, one init each).
 
-    python bench/train.py [--images-per-class 32] [--classes 4] [--image-size 224] [--k 256]
+    python bench/train.py [--images-per-class 64] [--classes 4] [--image-size 224] [--k 256]
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def kmeans_ratio(cache: Cache, k: int, sample: int, iters: int) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--images-per-class", type=int, default=32)
+    parser.add_argument("--images-per-class", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)

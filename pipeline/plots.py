@@ -1,4 +1,4 @@
-"""Small self-contained SVG line charts for the reports (no plotting library, no network assets)."""
+"""Small SVG line charts inlined in the HTML reports (no plotting library; inline SVG needs no xmlns)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
 
     points = [p for s in series for p in s.points]
     if not points:
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="40"><text x="4" y="24">{escape(title)}: no data</text></svg>'
+        return f'<svg width="{width}" height="40"><text x="4" y="24">{escape(title)}: no data</text></svg>'
     fx = (lambda v: math.log10(v)) if log_x else (lambda v: v)
     xs = [fx(x) for x, _ in points]
     x0, x1 = min(xs), max(xs)
@@ -48,7 +48,7 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * plot_h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+    out = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            'font-family="sans-serif" font-size="11" role="img">',
            f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{escape(title)}</text>',
            f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']

@@ -30,24 +30,30 @@ from pipeline.training import iter_log, open_run
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo; `quick` is the one the tests run."""
+    """Sizes of the demo; `quick` is the one the tests run. Epochs of None keep train's defaults."""
 
     classes: int = 6
-    per_class: int = 60
+    per_class: int = 150      # frozen ImageNet features need ~100 training images per class here
     size: int = 224
-    k: int = 96
-    epochs: int = 30
-    probe_epochs: int = 30
-    codebook_epochs: int = 10
+    k: int = 128
+    epochs: int | None = None
+    probe_epochs: int | None = None
+    codebook_epochs: int | None = None
     views: int = 0
     explain_images: int = 4
     metric_images: int = 16
     workers: int = 2
     seed: int = 0
 
+    def train_settings(self):
+        from stages.train import TrainSettings
+
+        given = {"epochs": self.epochs, "probe_epochs": self.probe_epochs, "codebook_epochs": self.codebook_epochs}
+        return TrainSettings(seed=self.seed, **{k: v for k, v in given.items() if v is not None})
+
 
 FULL = DemoSettings()
-QUICK = DemoSettings(classes=4, per_class=12, size=128, k=24, epochs=8, probe_epochs=10, codebook_epochs=3,
+QUICK = DemoSettings(classes=4, per_class=16, size=128, k=24, epochs=10, probe_epochs=10, codebook_epochs=3,
                      explain_images=2, metric_images=4, workers=0)
 TOP_K = (1, 2, 3, 5, 10)
 
@@ -97,7 +103,7 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     from stages.extract import extract
     from stages.gallery import gallery
     from stages.interpret import MetricSettings, interpretability_metrics
-    from stages.train import TrainSettings, train
+    from stages.train import train
 
     started = time.perf_counter()
     settings = QUICK if quick else FULL
@@ -115,9 +121,7 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
         views=settings.views, workers=settings.workers, batch_size=32, overwrite=True, progress=progress))
     steps.run("codebook", [codebook], lambda: build_codebook(cache, codebook, CodebookSettings(k=settings.k, seed=settings.seed)))
     steps.run("train", [run / "head.safetensors"], lambda: train(
-        cache, codebook, run, TrainSettings(epochs=settings.epochs, probe_epochs=settings.probe_epochs,
-                                            codebook_epochs=settings.codebook_epochs, seed=settings.seed),
-        overwrite=True, progress=progress))
+        cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress))
 
     def measure() -> None:
         evaluation = evaluate(run, cache=cache, split="test").to_json()
@@ -208,7 +212,7 @@ def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSetting
     ]
     table = render.table(["figure", "value"], [[render.esc(a), render.esc(b)] for a, b in rows])
     gallery_thumbs = sorted((out / "gallery" / "thumbs").glob("*.jpg"))[:6]
-    strip = "".join(f'<img src="{render.esc(str(p.relative_to(out)))}" alt="prototype patch" width="96" height="96">'
+    strip = "".join(f'<img src="{render.esc(str(p.relative_to(out)))}" alt="prototype patch" width="96" height="96" loading="lazy">'
                     for p in gallery_thumbs)
     body = f"""
 <h1>protoquant demo</h1>
