@@ -2,12 +2,14 @@
 
     OptimSettings, lr_factor      AdamW/Adam with linear warm-up then cosine decay, set every step
     Distributed, init_distributed torchrun: disjoint data per rank, gradients averaged by all_reduce
+    classification_loss           cross-entropy with label smoothing, optional feature mixup
+    accuracy, code_grounding      top-1 over a FeatureSource; how close codes stay to real patches
     Phase, run_phase              one training phase (probe, stage A, stage B): epochs, selection on
                                   validation, a resumable PhaseState after every epoch
-    accuracy                      top-1 of any grid -> logits function over a FeatureSource
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
     EpochDisplay                  a rich bar per phase: loss, validation accuracy, codes in use
-    prepare_run_dir, finish_run_dir, read_run       run directories, written atomically
+    prepare_run_dir, finish_run_dir                 run directories, written atomically (temp dir + rename)
+    Run, open_run, open_run_and_cache, BackboneHead  reading a finished run and its reference classifier
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall
 3: a schedule stepped per epoch, late, lags by one). Validation selects the best epoch of each phase

@@ -52,6 +52,20 @@ def evaluate(run_path: str | Path, *, cache: str | Path | None = None, split: st
                       device=where, skipped=int(data.n - len(usable_rows(data))))
 
 
+def evaluate_with_metrics(run_path: str | Path, *, data: str | Path | None = None, max_images: int = 32,
+                          cache: str | Path | None = None, device: str = "auto", weights: str | Path | None = None,
+                          **options) -> tuple[Evaluation, dict]:
+    """evaluate(), and the interpretability metrics (grounding, purity, misalignment, stability, deletion)
+    when DATA is given ({} otherwise); a metric the dataset cannot support says why under its key."""
+    evaluation = evaluate(run_path, cache=cache, device=device, weights=weights, **options)
+    if data is None:
+        return evaluation, {}
+    from stages.interpret import MetricSettings, interpretability_metrics
+
+    settings = MetricSettings(max_images=max_images, device=str(resolve_device(device)))
+    return evaluation, interpretability_metrics(run_path, data, cache=cache, weights=weights, settings=settings)
+
+
 @torch.no_grad()
 def score_head(head: ProtoQuantHead, probe: torch.nn.Module | None, source, classes: list[str], *, split: str,
                device: torch.device, skipped: int = 0) -> Evaluation:

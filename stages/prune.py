@@ -46,6 +46,8 @@ class PruneResult:
     after: dict
     removed_named: list[int] = field(default_factory=list)
     removed_by_usage: list[int] = field(default_factory=list)
+    report: Path | None = None        # OUT/report/index.html: removed codes, accuracy, changed predictions
+    report_skipped: str | None = None  # why no report was written (the run itself is complete)
 
 
 def parse_codes(text: str | None) -> tuple[int, ...]:
@@ -59,8 +61,13 @@ def parse_codes(text: str | None) -> tuple[int, ...]:
 
 
 def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cache: str | Path | None = None,
-          device: str = "auto", overwrite: bool = False, progress: bool = False) -> PruneResult:
-    """Apply the settings to RUN's head and write the result as a new run OUT."""
+          device: str = "auto", overwrite: bool = False, progress: bool = False, report: bool = True,
+          data: str | Path | None = None) -> PruneResult:
+    """Apply the settings to RUN's head and write the result as a new run OUT.
+
+    With `report`, also write OUT/report/index.html (the edit shown on a page; DATA gives the pixels,
+    by default the dataset recorded in the cache). A report that cannot be made does not undo the run.
+    """
     out = Path(out)
     run, store = open_run_and_cache(run_path, cache)
     store.require_complete()
@@ -76,20 +83,20 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     if settings.top_k_per_class is not None and settings.top_k_per_class < 1:
         raise ProtoquantError(f"--top-k-per-class must be at least 1, got {settings.top_k_per_class}")
     split = store.split("train")
-    data = open_training_data(split, val_fraction=train_settings.val_fraction, seed=train_settings.seed,
+    training = open_training_data(split, val_fraction=train_settings.val_fraction, seed=train_settings.seed,
                               batch_size=train_settings.batch_size, max_memory=parse_memory(train_settings.max_memory),
                               use_views=train_settings.use_views)
     test = evaluation_source(store.split("test"), batch_size=256) if "test" in store.splits else None
 
     def measure() -> dict:
-        return {"val_top1": accuracy(head, data.val, device=where),
+        return {"val_top1": accuracy(head, training.val, device=where),
                 "test_top1": accuracy(head, test, device=where) if test is not None else None,
                 "codes_in_use": int(codes_in_use(head).sum())}
 
     before = measure()
     if settings.drop_codes:
         head.remove_codes(list(settings.drop_codes))
-    by_usage = _rare_codes(head, data.scan(usable_rows(split)), settings.min_usage) if settings.min_usage > 0 else []
+    by_usage = _rare_codes(head, training.scan(usable_rows(split)), settings.min_usage) if settings.min_usage > 0 else []
     if by_usage:
         head.remove_codes(by_usage)
     if settings.top_k_per_class is not None:
@@ -97,10 +104,10 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
             head.weight.copy_(prune_top_k_per_class(head.weight, settings.top_k_per_class))
     history = []
     if settings.finetune_epochs > 0:
-        phase = head_phase("finetune", head, train_settings, settings.finetune_epochs, data.val, where, Distributed(device=where))
+        phase = head_phase("finetune", head, train_settings, settings.finetune_epochs, training.val, where, Distributed(device=where))
         with EpochDisplay(progress) as display:
             display.start("finetune", settings.finetune_epochs)
-            history = run_phase(phase, data.train, device=where, seed=train_settings.seed,
+            history = run_phase(phase, training.train, device=where, seed=train_settings.seed,
                                 on_epoch=lambda state: display.update(state.history[-1])).history
     after = measure()
 
@@ -115,7 +122,15 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
                                        "removed_by_usage": by_usage})
     write_log(work / "log.jsonl", history)
     finish_run_dir(work, out)
-    return PruneResult(out, before, after, list(settings.drop_codes), by_usage)
+    result = PruneResult(out, before, after, list(settings.drop_codes), by_usage)
+    if report:
+        from stages.interpret import prune_report
+
+        try:
+            result.report = prune_report(run_path, out, out / "report", cache=store.path, data=data).index
+        except ProtoquantError as err:
+            result.report_skipped = str(err)
+    return result
 
 
 @torch.no_grad()

@@ -199,3 +199,21 @@ def test_evaluate_hook_reports_every_metric(birds_run):
     assert metrics["deletion"]["images"] + metrics["deletion"]["skipped"] == 4
     assert 0 < metrics["grounding"]["mean_cosine"] <= 1 + 1e-6
     json.dumps(metrics, allow_nan=False)  # plain JSON, ready for metrics.json
+
+
+def test_cli_evaluate_with_data_and_prune_with_report(birds_run, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["evaluate", str(birds_run["run"]), "--data", str(birds_run["data"]),
+                                     "--max-images", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert {"top1", "probe_top1", "purity", "misalignment", "stability", "deletion", "grounding"} <= set(payload)
+    assert 0.0 <= payload["purity"]["mean"] <= 1.0
+
+    used = np.flatnonzero(codes_in_use(load_head(birds_run["run"] / "head.safetensors")[0]).numpy())
+    result = runner.invoke(cli.app, ["prune", str(birds_run["run"]), "--out", str(tmp_path / "edited"),
+                                     "--drop-codes", f"{used[0]},{used[1]}", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)["report"]
+    assert report and Path(report).is_file()
+    assert set(used[:2].tolist()) <= set(json.loads((Path(report).parent / "report.json").read_text())["removed_codes"])

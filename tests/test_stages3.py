@@ -22,7 +22,7 @@ from cli import app
 from pipeline.backbones import load_backbone_for_cache
 from pipeline.cache import Cache
 from pipeline.codebook import code_usage, load_codebook
-from pipeline.data import evaluation_source, usable_rows
+from pipeline.data import evaluation_source
 from pipeline.errors import ProtoquantError
 from pipeline.images import decode_rgb
 from pipeline.model import load_head
