@@ -42,6 +42,9 @@ app = _App(
 CacheArg = Annotated[Path, typer.Argument(help="Feature cache (a Zarr v3 store made by [bold]protoquant extract[/]).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same result.")]
+RunArg = Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/] (or prune).")]
+RunCacheOpt = Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json).")]
+AutoDeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu or cuda.")]
 
 # ---- commands are registered below, one block per stage ----
 
@@ -138,7 +141,7 @@ def train(
     views: Annotated[bool, typer.Option("--views/--no-views", help="Use the cache's augmented views (one drawn per image and epoch) when it holds some.")] = True,
     use_backbone_head: Annotated[bool, typer.Option("--use-backbone-head", help="Use the timm model's own classifier as the reference instead of a probe (only when it predicts exactly the dataset's classes; CNN backbones).")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="With --use-backbone-head: the backbone's local weights, when the cache was extracted with --weights.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu or cuda.")] = "auto",
+    device: AutoDeviceOpt = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run of the same command from its last finished epoch.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN.")] = False,
     json_out: JsonOpt = False,
@@ -178,19 +181,19 @@ def train(
 
 @app.command(rich_help_panel="Use a run")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/] (or prune).")],
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json).")] = None,
+    run: RunArg,
+    cache: RunCacheOpt = None,
     split: Annotated[str, typer.Option("--split", help="Which split of the cache to score.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="For runs trained with --use-backbone-head on a cache made with --weights: that file.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: AutoDeviceOpt = "auto",
     data: Annotated[Optional[Path], typer.Option("--data", help="The dataset's images: adds grounding, purity (needs part keypoints), misalignment, stability and deletion.")] = None,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="With --data: test images run through the backbone for misalignment, stability and deletion.")] = 32,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a run on a split of its cache: top-1, top-5, per-class accuracy, and what interpretability costs.
 
-    Reads RUN and CACHE. Prints the probe's top-1 on the same split beside the head's, codes in use, the mean local explanation size (codes contributing more than 1e-3 of the predicted logit) and the sparsity of W. --json prints one object (top1, top5, probe_top1, n, codes_used, local_size, per_class, ...; fractions, not percentages). Writes nothing.
+    Reads RUN and CACHE. Prints the probe's top-1 on the same split beside the head's, codes in use, the mean local explanation size (codes contributing more than 1e-3 of the predicted logit) and the sparsity of W. --json prints one object (top1, top5, probe_top1, n, codes_used, local_size, per_class, ...; fractions, not percentages). With --data DATA it adds grounding, purity, misalignment, stability and deletion. Writes nothing (the grounding is cached in RUN).
 
     Before: [bold]protoquant train[/]. Next: [bold]protoquant prune RUN --out RUN2[/] or [bold]protoquant predict RUN IMAGE...[/].
 
@@ -212,12 +215,12 @@ def evaluate(
 
 @app.command(rich_help_panel="Use a run")
 def predict(
-    run: Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/].")],
+    run: RunArg,
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
     cache: Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache, checked against the run (default: the recorded path when it exists; else the backbone recorded in RUN/config.json is used as is).")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Top contributing codes shown per image.")] = 5,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="The backbone's local weights, when the cache was extracted with --weights.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: AutoDeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Classify image files end to end: the cache's backbone (same weights and preprocessing), then the head.
@@ -241,14 +244,14 @@ def predict(
 
 @app.command(rich_help_panel="Use a run")
 def prune(
-    run: Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/].")],
+    run: RunArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The new run directory to write.")],
     min_usage: Annotated[float, typer.Option("--min-usage", help="Remove codes chosen by fewer than this fraction of the TRAINING patches (argmax by cosine; e.g. 0.001).")] = 0.0,
     top_k_per_class: Annotated[Optional[int], typer.Option("--top-k-per-class", min=1, help="Keep each class's K largest weights, zero the rest.")] = None,
     drop_codes: Annotated[Optional[str], typer.Option("--drop-codes", help="Remove these codes everywhere (editing), e.g. 3,17.")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Then fine-tune the head this many epochs (zeroed weights stay zero).")] = 0,
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    cache: RunCacheOpt = None,
+    device: AutoDeviceOpt = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write RUN2/report/index.html: removed codes with their patches, accuracy before and after, changed test predictions.")] = True,
     data: Annotated[Optional[Path], typer.Option("--data", help="The dataset's images for the report (default: the one recorded in the cache).")] = None,
@@ -432,9 +435,9 @@ def make_birds_cmd(
 
 @app.command(rich_help_panel="Explain")
 def gallery(
-    run: Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/].")],
+    run: RunArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the site (index.html, class pages, thumbs/).")],
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json).")] = None,
+    cache: RunCacheOpt = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="The dataset the cache was extracted from, for the pixels (default: the path recorded in the cache).")] = None,
     patches: Annotated[int, typer.Option("--patches", min=1, max=10, help="Nearest training patches shown per code.")] = 6,
     per_page: Annotated[int, typer.Option("--per-page", min=1, help="Codes per index page.")] = 100,
@@ -472,10 +475,10 @@ def gallery(
 
 @app.command(rich_help_panel="Explain")
 def explain(
-    run: Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/].")],
+    run: RunArg,
     images: Annotated[list[Path], typer.Argument(help="Image files to explain (any format Pillow reads).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pages (index.html, image-NNN.html, images/, thumbs/).")],
-    cache: Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json).")] = None,
+    cache: RunCacheOpt = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="The dataset the cache was extracted from, for the training patches (default: the path recorded in the cache).")] = None,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="The backbone's local weights, when the cache was extracted with --weights.")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Top contributing codes shown for the prediction.")] = 5,

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {
     "extract": ("Extraction vs a bare timm loop", ["extract.py"], ["extract.py", "--images", "64", "--repeats", "1"]),
     "train": ("Head training from the cache vs backbone per batch; FAISS vs scikit-learn k-means",
-              ["train.py"], ["train.py", "--quick"]),
+              ["train.py"], ["train.py", "--images-per-class", "16", "--repeats", "1"]),
     "cache_read": ("Reading the cache vs a numpy memmap", ["cache_read.py"], ["cache_read.py", "--images", "1024"]),
     "sweep": ("A sweep of heads on one cache vs full runs", ["sweep.py"], ["sweep.py", "--heads", "2", "--per-class", "10"]),
 }
