@@ -31,13 +31,11 @@ def head_configs(n: int) -> list[tuple[int, int]]:
     return [(sizes[i % len(sizes)], i) for i in range(n)]
 
 
-def one_head(cache: Path, work: Path, k: int, seed: int, epochs: int) -> float:
+def one_head(cache: Path, work: Path, k: int, seed: int, epochs: int) -> None:
     codebook = work / f"codebook-k{k}-s{seed}.safetensors"
     build_codebook(cache, codebook, CodebookSettings(k=k, seed=seed, sample=20_000))
-    result = train(cache, codebook, work / f"run-k{k}-s{seed}",
-                   TrainSettings(epochs=epochs, probe_epochs=epochs, codebook_epochs=max(1, epochs // 2), seed=seed),
-                   overwrite=True)
-    return float(result.metrics.get("val_top1", float("nan")))
+    train(cache, codebook, work / f"run-k{k}-s{seed}",
+          TrainSettings(epochs=epochs, probe_epochs=epochs, codebook_epochs=max(1, epochs // 2), seed=seed), overwrite=True)
 
 
 def main() -> None:
