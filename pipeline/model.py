@@ -30,7 +30,7 @@ from pipeline.errors import ProtoquantError
 
 __all__ = [
     "ProbeHead", "train_probe", "assign_codes", "code_usage", "quantize", "stage_a_loss",
-    "ProtoQuantHead", "peak_locations", "prune_top_k_per_class", "codes_in_use",
+    "ProtoQuantHead", "peak_locations", "prune_top_k_per_class", "keep_top_k_per_class", "codes_in_use",
     "local_explanation_size", "mixup", "save_head", "load_head", "save_probe", "load_probe",
 ]
 
@@ -258,6 +258,17 @@ def prune_top_k_per_class(weight: torch.Tensor, k: int) -> torch.Tensor:
     top = positive.topk(min(k, weight.shape[1]), dim=1).indices  # (C, k)
     keep = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, top, True) & (positive > 0)  # (C, K)
     return torch.where(keep, weight, torch.zeros_like(weight))
+
+
+@torch.no_grad()
+def keep_top_k_per_class(head: ProtoQuantHead, k: int) -> None:
+    """In place, METHOD.md "Pruning and editing": each class keeps its k largest weights among the codes
+    that still exist, the rest become 0, then codes no class uses are removed (out of the softmax too)."""
+    head.weight.masked_fill_(~head.code_mask[None, :], 0.0)  # removed codes must not take top-k slots
+    head.weight.copy_(prune_top_k_per_class(head.weight, k))
+    unused = (~codes_in_use(head) & head.code_mask).nonzero().flatten()
+    if len(unused):
+        head.remove_codes(unused)
 
 
 def codes_in_use(head: ProtoQuantHead) -> torch.Tensor:

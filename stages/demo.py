@@ -23,7 +23,7 @@ from pipeline import render
 from pipeline.cache import Cache
 from pipeline.data import evaluation_source
 from pipeline.errors import ProtoquantError
-from pipeline.model import prune_top_k_per_class
+from pipeline.model import keep_top_k_per_class
 from pipeline.plots import Series, line_chart
 from pipeline.training import iter_log, open_run
 
@@ -152,7 +152,7 @@ def top_k_curve(run_path: Path, cache_path: Path, ks: tuple[int, ...]) -> list[d
     for k in (*ks, n_codes):
         head = copy.deepcopy(run.head)
         if k < n_codes:
-            head.weight.data = prune_top_k_per_class(head.weight.data, k)
+            keep_top_k_per_class(head, k)
         scored = score_head(head, None, evaluation_source(test, batch_size=256), run.classes, split="test",
                             device=torch.device("cpu"))
         points.append({"k": k, "top1": scored.top1, "codes_used": scored.codes_used, "local_size": scored.local_size,

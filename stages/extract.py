@@ -214,6 +214,7 @@ def extract(
     rank, world = _distributed(device)
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)  # NCCL barriers use the current device
     dataset = open_dataset(data)
     if crop_to_box and any(r.box is None for records in dataset.splits.values() for r in records[:1]):
         raise ProtoquantError(f"--crop-to-box needs bounding boxes, but {data} has none (CUB layout with bounding_boxes.txt, "

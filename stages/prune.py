@@ -4,9 +4,9 @@ In this order:
 1. drop_codes: remove named codes everywhere (editing; the code leaves the softmax over codes).
 2. min_usage: remove codes chosen (argmax by cosine) by less than this fraction of the patches of the
    TRAINING split - train and validation rows, never test (METHOD.md pitfall 2).
-3. top_k_per_class: keep each class's k largest weights, zero the others. A zero weight is dead for
-   good (relu), so fine-tuning trains only the kept ones; codes left with no weight stay in the
-   softmax but contribute nothing, and no longer count as "in use".
+3. top_k_per_class: keep each class's k largest weights among the remaining codes, zero the others,
+   then remove the codes no class uses (they leave the softmax, as METHOD.md says). A zero weight is
+   dead for good (relu), so fine-tuning trains only the kept ones.
 4. finetune_epochs: stage B again on the training rows, best epoch chosen on validation.
 Accuracy is reported before and after on validation (what pruning may be judged on) and, for
 information only, on test.
@@ -23,7 +23,7 @@ import torch
 from pipeline.codebook import code_usage
 from pipeline.data import evaluation_source, open_training_data, parse_memory, usable_rows
 from pipeline.errors import ProtoquantError
-from pipeline.model import codes_in_use, prune_top_k_per_class, save_head
+from pipeline.model import codes_in_use, keep_top_k_per_class, save_head
 from pipeline.training import (Distributed, EpochDisplay, accuracy, finish_run_dir, open_run_and_cache, prepare_run_dir,
                                resolve_device, run_phase, write_json, write_log)
 from stages.train import TrainSettings, head_phase
@@ -100,8 +100,7 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     if by_usage:
         head.remove_codes(by_usage)
     if settings.top_k_per_class is not None:
-        with torch.no_grad():
-            head.weight.copy_(prune_top_k_per_class(head.weight, settings.top_k_per_class))
+        keep_top_k_per_class(head, settings.top_k_per_class)
     history = []
     if settings.finetune_epochs > 0:
         phase = head_phase("finetune", head, train_settings, settings.finetune_epochs, training.val, where, Distributed(device=where))

@@ -266,3 +266,23 @@ def test_probe_round_trip_and_kind_check(tmp_path: Path) -> None:
         load_head(tmp_path / "codebook.safetensors")
     with pytest.raises(ProtoquantError, match="is a protoquant probe, not a head"):
         load_head(tmp_path / "probe.safetensors")
+
+
+def test_keep_top_k_ignores_removed_codes_and_drops_unused_ones() -> None:
+    from pipeline.model import keep_top_k_per_class
+
+    head = ProtoQuantHead(torch.eye(6), num_classes=2, seed=0)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[9.0, 8.0, 7.0, 1.0, 2.0, 3.0], [9.0, 1.0, 1.0, 8.0, 2.0, 0.5]]))
+    head.remove_codes([0, 1])  # the largest weights belong to removed codes: they must not take slots
+    keep_top_k_per_class(head, 2)
+    weight = head.effective_weight()
+    assert ((weight > 0).sum(dim=1) == 2).all()                      # two working weights per class
+    assert weight[0].nonzero().flatten().tolist() == [2, 5]
+    assert weight[1].nonzero().flatten().tolist() == [3, 4]
+    assert head.code_mask.tolist() == [False, False, True, True, True, True]  # every code left is used
+    head2 = ProtoQuantHead(torch.eye(6), num_classes=2, seed=0)
+    with torch.no_grad():
+        head2.weight.copy_(torch.tensor([[9.0, 8.0, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 9.0, 8.0, 0.1, 0.1]]))
+    keep_top_k_per_class(head2, 2)
+    assert head2.code_mask.tolist() == [True, True, True, True, False, False]  # unused codes leave the softmax
