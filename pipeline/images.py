@@ -39,8 +39,8 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
         return to_rgb(image)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... by format
         raise ProtoquantError(
-            f"cannot decode image {name}: {type(err).__name__}: {err}. Re-save or remove the file, "
-            "or pass --skip-bad to skip unreadable images."
+            f"cannot decode image {name} ({type(err).__name__}). Re-save or remove the file; "
+            "`protoquant extract --skip-bad` skips such files and lists them."
         ) from err
 
 
