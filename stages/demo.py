@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from pipeline.data import evaluation_source
 from pipeline.errors import ProtoquantError
 from pipeline.model import keep_top_k_per_class
 from pipeline.plots import Series, line_chart
-from pipeline.training import iter_log, open_run
+from pipeline.training import iter_log, open_run, write_json
 
 
 @dataclass(frozen=True)
@@ -87,9 +86,7 @@ class _Steps:
         self.say(f"[bold]{name}[/] ...")
         action()
         self.state[name] = self.settings
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self.state_path)
+        write_json(self.state_path, self.state)
         self.say(f"{name}: done in {time.perf_counter() - begin:.1f} s")
 
 
@@ -127,7 +124,7 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
         evaluation = evaluate(run, cache=cache, split="test").to_json()
         metrics = interpretability_metrics(run, birds, cache=cache, settings=MetricSettings(max_images=settings.metric_images))
         figures = {"evaluation": evaluation, "interpretability": metrics, "top_k": top_k_curve(run, cache, TOP_K)}
-        _write_json(figures_path, figures)
+        write_json(figures_path, figures)
 
     steps.run("evaluate", [figures_path], measure)
     steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds))
@@ -173,12 +170,6 @@ def _test_images(cache_path: Path, birds: Path, count: int) -> list[Path]:
     if not chosen:
         raise ProtoquantError(f"{cache_path} has no test images to explain")
     return chosen
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 def _percent(value) -> str:
@@ -238,8 +229,6 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;t
 .strip img{{margin:2px;border:1px solid #999}}pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style>
 </head><body>{body}</body></html>"""
     report = out / "index.html"
-    tmp = report.with_suffix(".tmp")
-    tmp.write_text(page)
-    os.replace(tmp, report)
+    render.write_text(report, page)
     return report
 

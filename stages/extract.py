@@ -243,11 +243,15 @@ def extract(
         _, resumed = _open_or_create(out, settings, create)
     _barrier(world)
     cache = Cache(out)
+    layouts = {name: cache.split(name).layout for name in cache.splits}
     todo = {name: np.flatnonzero(~cache.split(name).done()) for name in cache.splits}
-    resumed_shards = sum(cache.split(s).layout.n_shards - len(t) for s, t in todo.items())
+    resumed_shards = sum(layouts[s].n_shards - len(t) for s, t in todo.items())
     mine = {name: shards[rank::world] for name, shards in todo.items()}
-    total = sum(len(cache.split(s).layout.shard_rows(int(p))) for s, ps in mine.items() for p in ps)
-    total_all_ranks = sum(len(cache.split(s).layout.shard_rows(int(p))) for s, ps in todo.items() for p in ps)
+
+    def rows_in(shards_by_split: dict) -> int:
+        return sum(len(layouts[s].shard_rows(int(p))) for s, shards in shards_by_split.items() for p in shards)
+
+    total, total_all_ranks = rows_in(mine), rows_in(todo)
 
     writer = _ShardWriter()
     try:
@@ -317,14 +321,11 @@ def _collate(batch):
 def _finish(out: Path, started: float, images: int, resumed_shards: int, *, finalize: bool) -> ExtractSummary:
     cache = Cache(out)
     cache.require_complete()
-    skipped = []
-    for name in cache.splits:
-        split = cache.split(name)
-        skipped += [f"{name}/{i}" for i in split.ids[~split.ok]]
+    splits = {name: cache.split(name) for name in cache.splits}
+    skipped = [f"{name}/{i}" for name, split in splits.items() for i in split.ids[~split.ok]]
     if finalize:
         cache.update_attrs({"complete": True, "skipped": skipped})
-    shapes = {name: tuple(cache.split(name).features.shape) for name in cache.splits}
-    nbytes = sum(cache.split(name).nbytes * (1 + (cache.split(name).views.shape[1] if cache.split(name).views is not None else 0))
-                 for name in cache.splits)
+    shapes = {name: tuple(split.features.shape) for name, split in splits.items()}
+    nbytes = sum(split.nbytes + (split.views.nbytes if split.views is not None else 0) for split in splits.values())
     return ExtractSummary(path=out, splits=shapes, gigabytes=nbytes / 1e9, seconds=time.perf_counter() - started,
                           images=images, skipped=skipped, resumed_shards=resumed_shards)

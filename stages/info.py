@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -40,9 +41,8 @@ def describe(path: str | Path) -> dict:
     }
 
 
-def _done_rows(split, done):
-    import numpy as np
-
+def _done_rows(split, done: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows that belong to a shard marked done."""
     rows = np.zeros(split.n, dtype=bool)
     for shard in np.flatnonzero(done):
         r = split.layout.shard_rows(int(shard))
