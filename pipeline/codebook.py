@@ -6,7 +6,6 @@
     assign_codes              nearest code by cosine, blocked over rows (METHOD.md stage A argmax)
     code_usage                how often each code is the argmax (METHOD.md "Dead codes")
     save_codebook / load_codebook / check_fingerprint
-    write_artifact / read_artifact   safetensors + JSON metadata, atomic; shared with model.py
 
 Why codes are rescaled after k-means: assignment is by cosine, so k-means runs on unit vectors and
 returns unit directions. Stage A substitutes the RAW code vector into the frozen probe and pulls it
@@ -19,9 +18,7 @@ k-means result itself stays unit-norm, so it is a plain spherical k-means, compa
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,23 +28,14 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
 
 from pipeline.errors import ProtoquantError
+from pipeline.io import REBUILD_COMMANDS, read_artifact, write_artifact
 
 log = logging.getLogger(__name__)
 
 COSINE_EPS = 1e-8  # floor on a vector norm before dividing by it (all cosines in protoquant)
 KMEANS_BACKENDS = ("auto", "faiss", "torch")
-ARTIFACT_FORMAT = "protoquant"
-ARTIFACT_VERSION = 1
-# The command that rebuilds each kind of artefact, quoted in fingerprint and format errors.
-REBUILD_COMMANDS = {
-    "codebook": "protoquant codebook {cache} -k K --out CODEBOOK",
-    "head": "protoquant train {cache} --codebook CODEBOOK --out RUN",
-    "probe": "protoquant train {cache} --codebook CODEBOOK --out RUN",
-}
 
 
 # --- assignment (METHOD.md stage A: k* = argmax_k cos(z, E_k), no gradient) -----------------------
@@ -265,56 +253,7 @@ def _cluster_mean_norms(norms: torch.Tensor, indices: torch.Tensor, k: int) -> t
     return torch.where(counts > 0, sums / counts.clamp_min(1), norms.float().mean())
 
 
-# --- storage: safetensors + JSON metadata --------------------------------------------------------
-
-def write_artifact(path: str | Path, tensors: dict[str, torch.Tensor], *, kind: str, fields: dict) -> None:
-    """Write tensors and JSON-encoded fields (header metadata, str -> str) to a safetensors file.
-
-    Atomic: written to a temporary file beside `path`, then os.replace, so a reader never sees half
-    a file and a crash leaves any previous version intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": ARTIFACT_FORMAT, "kind": kind, "format_version": str(ARTIFACT_VERSION)}
-    metadata |= {name: json.dumps(value) for name, value in fields.items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_artifact(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a file written by write_artifact -> (tensors on the CPU, decoded fields).
-
-    Raises ProtoquantError naming the file when it is missing, not safetensors, not protoquant's,
-    of another kind, or of a newer format version.
-    """
-    path = Path(path)
-    rebuild = REBUILD_COMMANDS.get(kind, "the protoquant command that makes it").format(cache="CACHE")
-    if not path.is_file():
-        raise ProtoquantError(f"{kind} file {path} does not exist: check the path, or make it with `{rebuild}`")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except SafetensorError as err:
-        raise ProtoquantError(f"{path} is not a safetensors file ({err}): pass a {kind} written by protoquant, "
-                              f"e.g. by `{rebuild}`") from None
-    if metadata.get("format") != ARTIFACT_FORMAT:
-        raise ProtoquantError(f"{path} is a safetensors file but not a protoquant {kind} (no protoquant "
-                              f"metadata): pass a {kind} written by `{rebuild}`")
-    if metadata.get("kind") != kind:
-        raise ProtoquantError(f"{path} is a protoquant {metadata.get('kind')}, not a {kind}: pass a {kind} "
-                              f"written by `{rebuild}`")
-    if int(metadata.get("format_version", "0")) > ARTIFACT_VERSION:
-        raise ProtoquantError(f"{path} has format version {metadata['format_version']}, newer than this "
-                              f"protoquant reads ({ARTIFACT_VERSION}): upgrade protoquant")
-    reserved = {"format", "kind", "format_version"}
-    fields = {name: json.loads(value) for name, value in metadata.items() if name not in reserved}
-    return tensors, fields
-
+# --- storage: safetensors + JSON metadata (pipeline.io) ----------------------------------------------
 
 def save_codebook(path: str | Path, codes: torch.Tensor, meta: dict) -> None:
     """Save codes (K, D) as float32 with `meta` (cache_fingerprint, sample size, seed, objective,

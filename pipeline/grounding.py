@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import Cache, CacheSplit
-from pipeline.codebook import COSINE_EPS, read_artifact, write_artifact
+from pipeline.codebook import COSINE_EPS
 from pipeline.errors import ProtoquantError
+from pipeline.io import read_artifact, write_artifact
 from pipeline.geometry import Preprocessing
 from pipeline.model import ProtoQuantHead
 

@@ -6,7 +6,7 @@ here casts them to float32 before computing.
     ProbeHead, train_probe        the frozen reference classifier (METHOD.md stage A, "Start")
     quantize, stage_a_loss        codebook learning through the frozen probe (METHOD.md stage A)
     ProtoQuantHead                the interpretable head (METHOD.md stage B)
-    peak_locations, local_explanation_size          explanations (METHOD.md "Explanations")
+    top_contributions, peak_locations, local_explanation_size    explanations (METHOD.md "Explanations")
     prune_top_k_per_class, codes_in_use             pruning (METHOD.md "Pruning and editing")
     mixup                         optional feature-space mixup
     save_/load_head, save_/load_probe               safetensors + JSON metadata
@@ -18,6 +18,7 @@ are re-exported here for callers that think of them as model helpers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.codebook import COSINE_EPS, assign_codes, code_usage, read_artifact, write_artifact
+from pipeline.codebook import COSINE_EPS, assign_codes, code_usage
 from pipeline.errors import ProtoquantError
+from pipeline.io import read_artifact, write_artifact
 
 __all__ = [
     "ProbeHead", "train_probe", "assign_codes", "code_usage", "quantize", "stage_a_loss",
-    "ProtoQuantHead", "peak_locations", "prune_top_k_per_class", "keep_top_k_per_class", "codes_in_use",
+    "ProtoQuantHead", "peak_locations", "peak_cells", "class_contributions", "TopContributions", "top_contributions", "prune_top_k_per_class", "keep_top_k_per_class", "codes_in_use",
     "local_explanation_size", "mixup", "save_head", "load_head", "save_probe", "load_probe",
 ]
 
@@ -230,6 +232,45 @@ def peak_locations(activation: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat // width, flat % width], dim=-1)  # (B, K, 2)
 
 
+def peak_cells(activation: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The peak cell of chosen codes: activation (B, K, H, W), codes (B, n) -> (B, n, 2) as (h, w)."""
+    return peak_locations(activation).gather(1, codes[..., None].expand(-1, -1, 2))
+
+
+def class_contributions(head: ProtoQuantHead, presence: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """relu(W[c, k]) * p[k] for one class c per image: presence (B, K), classes (B,) -> (B, K).
+
+    Summed over k it is that class's logit (METHOD.md "Explanations": local).
+    """
+    return head.effective_weight()[classes] * presence
+
+
+@dataclass
+class TopContributions:
+    """Per image, the codes that contribute most to one class, best first, and where each fired."""
+
+    classes: torch.Tensor  # (B,) the class explained
+    codes: torch.Tensor  # (B, n) int64
+    values: torch.Tensor  # (B, n) relu(W[c, k]) * p[k]
+    cells: torch.Tensor  # (B, n, 2) peak cell (h, w) of each code's activation map
+
+    @property
+    def shown(self) -> torch.Tensor:
+        """(B, n) bool: a positive contribution (a zero one explains nothing and is not shown)."""
+        return self.values > 0
+
+
+def top_contributions(head: ProtoQuantHead, activation: torch.Tensor, presence: torch.Tensor,
+                      classes: torch.Tensor, top: int) -> TopContributions:
+    """THE ranking of evidence used by predict, explain and the metrics: the `top` largest
+    contributions to `classes` (B,) and their peak cells; ties keep the lower code first."""
+    contributions = class_contributions(head, presence, classes)  # (B, K)
+    n = min(top, contributions.shape[1])
+    order = torch.sort(contributions, dim=1, descending=True, stable=True).indices[:, :n]  # (B, n)
+    return TopContributions(classes=classes, codes=order, values=contributions.gather(1, order),
+                            cells=peak_cells(activation, order))
+
+
 def local_explanation_size(
     contributions: torch.Tensor, logits: torch.Tensor, rel_threshold: float = 1e-3
 ) -> torch.Tensor:
@@ -337,3 +378,40 @@ def _require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], kind: str
     if missing:
         raise ProtoquantError(f"{kind} {path} lacks tensor(s) {', '.join(missing)}: it is damaged or was not "
                               f"written by protoquant; rebuild it with `protoquant train CACHE ...`")
+
+
+# --- the timm model's own classifier as the reference head (use_backbone_head) -----------------------
+
+class BackboneHead(nn.Module):
+    """The timm model's own classifier applied to a cached grid: forward_head on the pre-pool map.
+
+    Only for grids that are the model's forward_features output as is (CNN layouts NCHW / NHWC);
+    ViT token grids lost their prefix tokens, which timm's heads may pool, so they are refused.
+    """
+
+    def __init__(self, model: nn.Module, layout: str):
+        super().__init__()
+        if layout not in ("NCHW", "NHWC"):
+            raise ProtoquantError(f"--use-backbone-head: the cache holds a {layout} token grid without its prefix "
+                                  "tokens, so the model's own head cannot be applied to it; train the linear probe "
+                                  "(leave out --use-backbone-head)")
+        self.model = model.eval().requires_grad_(False)
+        self.layout = layout
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, D) grid -> (B, C) logits."""
+        x = f.float().permute(0, 3, 1, 2) if self.layout == "NCHW" else f.float()  # (B, D, H, W) for CNNs
+        return self.model.forward_head(x)
+
+
+def backbone_head(provenance: dict, num_classes: int, *, weights: str | Path | None = None,
+                  device: torch.device | str = "cpu") -> BackboneHead:
+    """Rebuild the cache's backbone and wrap its classifier; refuse one that predicts other classes."""
+    from pipeline.backbones import load_backbone_for_cache
+
+    backbone = load_backbone_for_cache(provenance, weights=weights, device=str(device))
+    outputs = int(getattr(backbone.model, "num_classes", 0) or 0)
+    if outputs != num_classes:
+        raise ProtoquantError(f"--use-backbone-head: {provenance['backbone']} predicts {outputs} classes but the "
+                              f"dataset has {num_classes}; train the linear probe instead (leave out --use-backbone-head)")
+    return BackboneHead(backbone.model, backbone.layout).to(device)

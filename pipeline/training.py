@@ -1,15 +1,14 @@
-"""Training loops from the cache: schedules, one epoch loop for every phase, DDP, checkpoints, runs.
+"""Training from the cache: schedules, phases, losses and checkpoints.
 
+    TrainSettings                 every option of `protoquant train` (recorded in RUN/config.json)
     OptimSettings, lr_factor      AdamW/Adam with linear warm-up then cosine decay, set every step
-    Distributed, init_distributed torchrun: disjoint data per rank, gradients averaged by all_reduce
     classification_loss           cross-entropy with label smoothing, optional feature mixup
     accuracy, code_grounding      top-1 over a FeatureSource; how close codes stay to real patches
     Phase, run_phase              one training phase (probe, stage A, stage B): epochs, selection on
-                                  validation, a resumable PhaseState after every epoch
+                                  validation, a resumable PhaseState after every epoch; a non-finite
+                                  loss stops it with a named error
+    head_phase                    stage B as a Phase (train, and prune's fine-tuning)
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
-    EpochDisplay                  a rich bar per phase: loss, validation accuracy, codes in use
-    prepare_run_dir, finish_run_dir                 run directories, written atomically (temp dir + rename)
-    Run, open_run, open_run_and_cache, BackboneHead  reading a finished run and its reference classifier
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall
 3: a schedule stepped per epoch, late, lags by one). Validation selects the best epoch of each phase
@@ -19,25 +18,70 @@ The learning rate is set before every optimizer step from the global step index 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from pipeline.data import FeatureSource
+from pipeline.distributed import Distributed
 from pipeline.errors import ProtoquantError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], tuple[torch.Tensor, dict[str, float]]]
 ValidateFn = Callable[[], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every option of `protoquant train` (recorded in RUN/config.json)."""
+
+    epochs: int = 40                  # stage B (the interpretable head)
+    probe_epochs: int = 30
+    codebook_epochs: int = 10         # stage A
+    batch_size: int = 128
+    probe_lr: float = 1e-3
+    codebook_lr: float = 5e-4         # METHOD.md stage A reference setting (Adam)
+    head_lr: float = 3e-2
+    codes_lr: float = 0.015           # stage B codes (train_codes), relative to their RMS coordinate
+    weight_decay: float = 1e-4        # AdamW, probe and head weights
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    dict_weight: float = 1.0          # METHOD.md stage A: weight of the dictionary MSE
+    tau: float = 0.1
+    train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
+    l1: float = 0.0                   # L1 on relu(W), per weight
+    mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
+    val_fraction: float = 0.1
+    seed: int = 0
+    max_memory: str = "auto"          # RAM budget for the train split; above it the split is streamed
+    use_views: bool = True            # draw one cached augmented view per image and epoch, when present
+    use_backbone_head: bool = False
+    device: str = "auto"
+
+
+def check_train_settings(s: TrainSettings) -> None:
+    """One line per bad value, before any work (the CLI validates too; this guards library callers)."""
+    for name in ("epochs", "probe_epochs", "codebook_epochs"):
+        if getattr(s, name) < 0:
+            raise ProtoquantError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(s, name)}")
+    if s.batch_size < 1:
+        raise ProtoquantError(f"--batch-size must be at least 1, got {s.batch_size}")
+    for name in ("probe_lr", "codebook_lr", "head_lr", "codes_lr", "weight_decay", "warmup_epochs", "dict_weight",
+                 "l1", "mixup"):
+        value = getattr(s, name)
+        if not math.isfinite(value) or value < 0:
+            raise ProtoquantError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(s.tau) and s.tau > 0):
+        raise ProtoquantError(f"--tau must be a finite number > 0, got {s.tau}")
+    if not (0 <= s.label_smoothing < 1):
+        raise ProtoquantError(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
+    if not (0 < s.val_fraction < 1):
+        raise ProtoquantError(f"--val-fraction must be in (0, 1), got {s.val_fraction}: every phase selects its "
+                              "best epoch on the validation split carved from train")
 
 
 # --- schedule and optimizer ------------------------------------------------------------------------
@@ -77,76 +121,6 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     return optimizer.param_groups[0]["lr"]
-
-
-# --- torchrun --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 when run plainly); collectives run on `device`."""
-
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def average_gradients(self, parameters: list[nn.Parameter]) -> None:
-        """All-reduce and average gradients: the head's parameters are tiny, so no DDP wrapper is needed."""
-        if self.world == 1:
-            return
-        for p in parameters:
-            if p.grad is not None:
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= self.world
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Sum numbers over ranks (float64)."""
-        if self.world == 1:
-            return list(values)
-        total = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(total)
-        return total.tolist()
-
-    def any(self, mask: torch.Tensor) -> torch.Tensor:
-        """Element-wise OR of a bool tensor over ranks."""
-        if self.world == 1:
-            return mask
-        values = mask.to(self.device, torch.int32)
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-        return values.bool().to(mask.device)
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the torchrun job named by WORLD_SIZE/RANK: NCCL on GPUs (one per rank), gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Distributed(device=device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(torch.distributed.get_rank(), world, device)
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when torch sees a GPU (this rank's one under torchrun), else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ProtoquantError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    elif device != "cpu":
-        raise ProtoquantError(f"--device {device!r}: choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 # --- losses ------------------------------------------------------------------------------------------
@@ -272,6 +246,10 @@ def run_phase(phase: Phase, source: FeatureSource, *, device: torch.device, seed
         for features, labels in source.batches(epoch):
             lr = set_lr(optimizer, lr_factor(step, total_steps, warmup))  # before the step (pitfall 3)
             loss, stats = phase.loss(features.to(device, non_blocking=True), labels.to(device), rng)
+            if not torch.isfinite(loss.detach()):
+                raise ProtoquantError(f"{phase.name} phase, epoch {epoch + 1}: the loss is {float(loss.detach())}; "
+                                      "the features or a setting (learning rate, --tau) give non-finite numbers, "
+                                      "so nothing was written: check `protoquant info CACHE --verify` and the options")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             dist.average_gradients(parameters)
@@ -340,188 +318,35 @@ def optimizer_from_artifact(prefix: str, tensors: dict[str, torch.Tensor], meta:
     return {"state": per_param, "param_groups": meta.get("param_groups", [])}
 
 
-# --- display -------------------------------------------------------------------------------------------
-
-class EpochDisplay:
-    """A rich bar per phase advancing one epoch at a time, with loss, val top-1 and codes in use."""
-
-    def __init__(self, enabled: bool):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TextColumn("epochs"),
-            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), disable=not enabled,
-        )
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self) -> "EpochDisplay":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def start(self, phase: str, epochs: int, done: int = 0) -> None:
-        self.tasks[phase] = self.progress.add_task(phase, total=epochs, completed=done, status="")
-
-    def update(self, record: dict) -> None:
-        parts = [f"loss {record['loss']:.3f}" if "loss" in record else ""]
-        if not math.isnan(record.get("val_top1", float("nan"))):
-            parts.append(f"val top-1 {record['val_top1']:.3f}")
-        if "codes_in_use" in record:
-            parts.append(f"codes in use {record['codes_in_use']}")
-        self.progress.update(self.tasks[record["phase"]], completed=record["epoch"], status="  ".join(p for p in parts if p))
 
 
-# --- run directories -------------------------------------------------------------------------------------
+# --- stage B as a phase -----------------------------------------------------------------------------------
 
-def work_dir_for(out: Path) -> Path:
-    """The temporary directory beside RUN where a run is written (and resumed from) before the rename."""
-    return out.parent / f".{out.name}.partial"
+def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int, val: FeatureSource,
+               device: torch.device, dist: Distributed) -> Phase:
+    """Stage B (also prune's fine-tuning): W with AdamW, codes too with train_codes; selected on val top-1."""
+    from pipeline.model import codes_in_use
 
+    s = settings
+    groups = [{"params": [head.weight], "lr": s.head_lr, "weight_decay": s.weight_decay}]
+    if s.train_codes:  # a relative rate: the same setting suits backbones whose features differ in scale
+        rms = float(head.codes.detach().pow(2).mean().sqrt())
+        groups.append({"params": [head.codes], "lr": s.codes_lr * rms, "weight_decay": 0.0})
+    penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None
+    loss = classification_loss(head, head.weight.shape[0], label_smoothing=s.label_smoothing, mixup_alpha=s.mixup,
+                               penalty=penalty)
 
-def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> tuple[Path, bool]:
-    """Check RUN may be written; return (work dir, whether a partial run is there to resume)."""
-    if out.exists() and not overwrite:
-        raise ProtoquantError(f"--out {out} already exists: choose another path, or pass --overwrite to replace it")
-    work = work_dir_for(out)
-    if resume and (work / "checkpoint.safetensors").is_file():
-        return work, True
-    if resume:
-        raise ProtoquantError(f"--resume: no stopped run to continue for {out} (no {work}/checkpoint.safetensors); "
-                              "start it without --resume")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    return work, False
+    def validate() -> dict:
+        return {"val_top1": accuracy(head, val, device=device, dist=dist), "codes_in_use": int(codes_in_use(head).sum())}
 
-
-def finish_run_dir(work: Path, out: Path) -> None:
-    """Move the finished work dir onto RUN in one rename (an old RUN, with --overwrite, is removed first)."""
-    (work / "checkpoint.safetensors").unlink(missing_ok=True)
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        shutil.rmtree(trash)
-    os.replace(work, out)
+    return Phase(name, head, groups, loss, validate, OptimSettings(epochs, s.head_lr, s.weight_decay, s.warmup_epochs, "adamw"))
 
 
-def write_json(path: Path, value) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def write_log(path: Path, records: list[dict]) -> None:
-    """The per-epoch log: one JSON object per line."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ProtoquantError(f"{path} is missing: {what}")
-    return json.loads(path.read_text())
-
-
-def iter_log(path: Path) -> Iterator[dict]:
-    """Records of a run's log.jsonl."""
-    for line in path.read_text().splitlines():
-        if line.strip():
-            yield json.loads(line)
-
-
-# --- reading a run ---------------------------------------------------------------------------------------
-
-class BackboneHead(nn.Module):
-    """The timm model's own classifier applied to a cached grid: forward_head on the pre-pool map.
-
-    Only for grids that are the model's forward_features output as is (CNN layouts NCHW / NHWC);
-    ViT token grids lost their prefix tokens, which timm's heads may pool, so they are refused.
-    """
-
-    def __init__(self, model: nn.Module, layout: str):
-        super().__init__()
-        if layout not in ("NCHW", "NHWC"):
-            raise ProtoquantError(f"--use-backbone-head: the cache holds a {layout} token grid without its prefix "
-                                  "tokens, so the model's own head cannot be applied to it; train the linear probe "
-                                  "(leave out --use-backbone-head)")
-        self.model = model.eval().requires_grad_(False)
-        self.layout = layout
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, D) grid -> (B, C) logits."""
-        x = f.float().permute(0, 3, 1, 2) if self.layout == "NCHW" else f.float()  # (B, D, H, W) for CNNs
-        return self.model.forward_head(x)
-
-
-def backbone_head(provenance: dict, num_classes: int, *, weights: str | Path | None = None,
-                  device: torch.device | str = "cpu") -> BackboneHead:
-    """Rebuild the cache's backbone and wrap its classifier; refuse one that predicts other classes."""
-    from pipeline.backbones import load_backbone_for_cache
-
-    backbone = load_backbone_for_cache(provenance, weights=weights, device=str(device))
-    outputs = int(getattr(backbone.model, "num_classes", 0) or 0)
-    if outputs != num_classes:
-        raise ProtoquantError(f"--use-backbone-head: {provenance['backbone']} predicts {outputs} classes but the "
-                              f"dataset has {num_classes}; train the linear probe instead (leave out --use-backbone-head)")
-    return BackboneHead(backbone.model, backbone.layout).to(device)
-
-
-@dataclass
-class Run:
-    """A finished run directory: its config, the ProtoQuant head and how to rebuild the probe."""
-
-    path: Path
-    config: dict
-    head: nn.Module
-    classes: list[str]
-
-    @property
-    def cache_fingerprint(self) -> str:
-        return self.config["cache"]["fingerprint"]
-
-    def reference_head(self, *, weights: str | Path | None = None, device: torch.device | str = "cpu") -> nn.Module:
-        """The frozen reference classifier the run was trained through (linear probe or backbone head)."""
-        from pipeline.model import load_probe
-
-        if self.config["settings"].get("use_backbone_head"):
-            return backbone_head(self.config["cache"]["provenance"], len(self.classes), weights=weights, device=device)
-        probe, _, _ = load_probe(self.path / "probe.safetensors")
-        return probe.to(device)
-
-
-def open_run(path: str | Path) -> Run:
-    """Read RUN/config.json and RUN/head.safetensors; a clear error when RUN is not a finished run."""
-    from pipeline.model import load_head
-
-    path = Path(path)
-    if not path.is_dir():
-        partial = work_dir_for(path)
-        hint = (f"; a stopped run is in {partial}: continue it with `protoquant train ... --out {path} --resume`"
-                if partial.exists() else "; make one with `protoquant train CACHE --codebook CODEBOOK --out RUN`")
-        raise ProtoquantError(f"run {path} does not exist{hint}")
-    config = read_json(path / "config.json", f"{path} is not a protoquant run (make one with `protoquant train`)")
-    head, classes, _ = load_head(path / "head.safetensors")
-    return Run(path=path, config=config, head=head.eval(), classes=classes)
-
-
-def check_run_matches_cache(run: Run, cache) -> None:
-    """Refuse a cache other than the run's (fingerprint) or one of another feature dimension."""
-    if cache.dim != run.head.codes.shape[1]:
-        raise ProtoquantError(f"run {run.path} works on {run.head.codes.shape[1]}-dimensional features but cache "
-                              f"{cache.path} holds {cache.dim}-dimensional ones: use the cache the run was trained on")
-    if run.cache_fingerprint != cache.fingerprint:
-        raise ProtoquantError(f"run {run.path} was trained on the cache with fingerprint {run.cache_fingerprint[:12]}..., "
-                              f"but {cache.path} has {cache.fingerprint[:12]}...: pass --cache with the cache it was "
-                              "trained on (recorded in its config.json)")
-
-
-def open_run_and_cache(run_path: str | Path, cache_path: str | Path | None):
-    """(Run, Cache): the cache is the one recorded in the run unless given; refused when they do not match."""
-    from pipeline.cache import Cache
-
-    run = open_run(run_path)
-    cache = Cache(cache_path or run.config["cache"]["path"])
-    check_run_matches_cache(run, cache)
-    return run, cache
+# Temporary re-exports while the layers move (removed once every caller imports from the new modules).
+from pipeline.devices import resolve_device  # noqa: E402,F401
+from pipeline.distributed import init_distributed  # noqa: E402,F401
+from pipeline.io import iter_log, read_json, write_json, write_log  # noqa: E402,F401
+from pipeline.progress import EpochDisplay  # noqa: E402,F401
+from pipeline.run import (Run, check_run_matches_cache, finish_run_dir, open_run, open_run_and_cache,  # noqa: E402,F401
+                          prepare_run_dir, work_dir_for)
+from pipeline.model import BackboneHead, backbone_head  # noqa: E402,F401

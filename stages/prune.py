@@ -24,9 +24,12 @@ from pipeline.codebook import code_usage
 from pipeline.data import evaluation_source, open_training_data, parse_memory, usable_rows
 from pipeline.errors import ProtoquantError
 from pipeline.model import codes_in_use, keep_top_k_per_class, save_head
-from pipeline.training import (Distributed, EpochDisplay, accuracy, finish_run_dir, open_run_and_cache, prepare_run_dir,
-                               resolve_device, run_phase, write_json, write_log)
-from stages.train import TrainSettings, head_phase
+from pipeline.devices import resolve_device
+from pipeline.distributed import Distributed
+from pipeline.io import write_json, write_log
+from pipeline.progress import EpochDisplay
+from pipeline.run import check_run_out, finish_run_dir, open_run_and_cache, prepare_run_dir, run_config
+from pipeline.training import TrainSettings, accuracy, head_phase, run_phase
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ def parse_codes(text: str | None) -> tuple[int, ...]:
         raise ProtoquantError(f"--drop-codes {text!r}: write code numbers separated by commas, e.g. 3,17") from None
 
 
+def _train_settings(run) -> TrainSettings:
+    """The run's training settings (keys this version does not know are ignored, with the defaults for new ones)."""
+    known = TrainSettings.__dataclass_fields__
+    return TrainSettings(**{k: v for k, v in run.config["settings"].items() if k in known})
+
+
 def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cache: str | Path | None = None,
           device: str = "auto", overwrite: bool = False, progress: bool = False, report: bool = True,
           data: str | Path | None = None) -> PruneResult:
@@ -69,9 +78,10 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     by default the dataset recorded in the cache). A report that cannot be made does not undo the run.
     """
     out = Path(out)
+    check_run_out(out, overwrite=overwrite)
     run, store = open_run_and_cache(run_path, cache)
     store.require_complete()
-    train_settings = TrainSettings(**run.config["settings"])
+    train_settings = _train_settings(run)
     where = resolve_device(device)
     head = run.head.to(where)
     k = head.codes.shape[0]
@@ -110,8 +120,8 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
                                 on_epoch=lambda state: display.update(state.history[-1])).history
     after = measure()
 
-    work, _ = prepare_run_dir(out, overwrite=overwrite, resume=False)
-    config = {**run.config, "command": "prune", "parent": str(run.path.resolve()), "prune": asdict(settings)}
+    work = prepare_run_dir(out, overwrite=overwrite, resume=False).work
+    config = {**run.config, **run_config({}), "command": "prune", "parent": str(run.path.resolve()), "prune": asdict(settings)}
     save_head(work / "head.safetensors", head, classes=run.classes,
               meta={"cache_fingerprint": store.fingerprint, "settings": run.config["settings"], "prune": asdict(settings)})
     if (run.path / "probe.safetensors").is_file():

@@ -33,47 +33,24 @@ import torch
 from torch import nn
 
 from pipeline.cache import Cache
-from pipeline.codebook import check_fingerprint, load_codebook, read_artifact, write_artifact
-from pipeline.data import FeatureSource, TrainingData, open_training_data, parse_memory
+from pipeline.codebook import check_fingerprint, load_codebook
+from pipeline.data import TrainingData, open_training_data, parse_memory
+from pipeline.devices import resolve_device
+from pipeline.distributed import Distributed, init_distributed
 from pipeline.errors import ProtoquantError
-from pipeline.model import ProbeHead, ProtoQuantHead, codes_in_use, save_head, save_probe, stage_a_loss
-from pipeline.training import (Distributed, EpochDisplay, OptimSettings, Phase, PhaseState, accuracy, backbone_head,
-                               classification_loss, code_grounding,
-                               finish_run_dir, init_distributed, optimizer_from_artifact, optimizer_to_artifact,
-                               prepare_run_dir, resolve_device, run_phase, state_to_tensors, tensors_to_state,
-                               work_dir_for, write_json, write_log)
+from pipeline.io import read_artifact, write_artifact, write_json, write_log
+from pipeline.model import ProbeHead, ProtoQuantHead, backbone_head, codes_in_use, save_head, save_probe, stage_a_loss
+from pipeline.progress import EpochDisplay
+from pipeline.run import finish_run_dir, prepare_run_dir, run_config
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, check_train_settings,
+                               classification_loss, code_grounding, head_phase, optimizer_from_artifact,
+                               optimizer_to_artifact, run_phase, state_to_tensors, tensors_to_state)
+
+__all__ = ["TrainSettings", "TrainResult", "train"]
 
 PHASES = ("probe", "codebook", "head")
 # Settings that may differ when a stopped run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = ("device",)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Every option of `protoquant train` (recorded in RUN/config.json)."""
-
-    epochs: int = 40                  # stage B (the interpretable head)
-    probe_epochs: int = 30
-    codebook_epochs: int = 10         # stage A
-    batch_size: int = 128
-    probe_lr: float = 1e-3
-    codebook_lr: float = 5e-4         # METHOD.md stage A reference setting (Adam)
-    head_lr: float = 3e-2
-    codes_lr: float = 0.015           # stage B codes (train_codes), relative to their RMS coordinate
-    weight_decay: float = 1e-4        # AdamW, probe and head weights
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    dict_weight: float = 1.0          # METHOD.md stage A: weight of the dictionary MSE
-    tau: float = 0.1
-    train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
-    l1: float = 0.0                   # L1 on relu(W), per weight
-    mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
-    val_fraction: float = 0.1
-    seed: int = 0
-    max_memory: str = "auto"          # RAM budget for the train split; above it the split is streamed
-    use_views: bool = True            # draw one cached augmented view per image and epoch, when present
-    use_backbone_head: bool = False
-    device: str = "auto"
 
 
 @dataclass
@@ -81,6 +58,7 @@ class TrainResult:
     path: Path
     metrics: dict
     resumed: bool
+    discarded_checkpoint: bool = False  # a stopped run's checkpoint was thrown away (no --resume)
 
 
 class CodebookParameter(nn.Module):
@@ -112,7 +90,7 @@ def train(
     out = Path(out)
     device = resolve_device(settings.device)
     dist = init_distributed(device)
-    _check_settings(settings)
+    check_train_settings(settings)
     cache = Cache(cache_path)
     cache.require_complete()
     codes, codebook_meta = load_codebook(codebook_path)
@@ -120,16 +98,15 @@ def train(
     if codes.shape[1] != cache.dim:
         raise ProtoquantError(f"codebook {codebook_path} has {codes.shape[1]}-dimensional codes but cache {cache.path} "
                               f"holds {cache.dim}-dimensional features: build the codebook from this cache")
-    work = work_dir_for(out)
-    if dist.is_main:
-        prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume) if dist.is_main else None
     dist.barrier()
+    work = out.parent / f".{out.name}.partial" if run_dir is None else run_dir.work
     split = cache.split("train")
     data = open_training_data(split, val_fraction=settings.val_fraction, seed=settings.seed,
                               batch_size=settings.batch_size, max_memory=parse_memory(settings.max_memory),
                               use_views=settings.use_views, rank=dist.rank, world=dist.world)
     on_gpu = data.ram is not None and data.ram.move_to_gpu_if_it_fits(device)
-    config = _config(cache, codebook_path, codebook_meta, settings, data, dist, on_gpu)
+    config = _config(cache, codebook_path, codebook_meta, codes, settings, data, dist, on_gpu)
     states = _read_checkpoint(work / "checkpoint.safetensors", config) if resume else {}
     resumed = bool(states)
 
@@ -152,17 +129,8 @@ def train(
         write_log(work / "log.jsonl", trainer.history())
         finish_run_dir(work, out)
     dist.barrier()
-    return TrainResult(path=out, metrics=metrics, resumed=resumed)
-
-
-def _check_settings(settings: TrainSettings) -> None:
-    for name in ("epochs", "probe_epochs", "codebook_epochs"):
-        if getattr(settings, name) < 0:
-            raise ProtoquantError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(settings, name)}")
-    if settings.batch_size < 1:
-        raise ProtoquantError(f"--batch-size must be at least 1, got {settings.batch_size}")
-    if settings.tau <= 0:
-        raise ProtoquantError(f"--tau must be positive, got {settings.tau}")
+    return TrainResult(path=out, metrics=metrics, resumed=resumed,
+                       discarded_checkpoint=bool(run_dir and run_dir.discarded_checkpoint))
 
 
 class _Trainer:
@@ -292,34 +260,16 @@ class _Trainer:
         }
 
 
-def head_phase(name: str, head: ProtoQuantHead, settings: TrainSettings, epochs: int, val: FeatureSource,
-               device: torch.device, dist: Distributed) -> Phase:
-    """Stage B (also prune's fine-tuning): W with AdamW, codes too with train_codes; selected on val top-1."""
-    s = settings
-    groups = [{"params": [head.weight], "lr": s.head_lr, "weight_decay": s.weight_decay}]
-    if s.train_codes:  # a relative rate: the same setting suits backbones whose features differ in scale
-        rms = float(head.codes.detach().pow(2).mean().sqrt())
-        groups.append({"params": [head.codes], "lr": s.codes_lr * rms, "weight_decay": 0.0})
-    penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None
-    loss = classification_loss(head, head.weight.shape[0], label_smoothing=s.label_smoothing, mixup_alpha=s.mixup,
-                               penalty=penalty)
-
-    def validate() -> dict:
-        return {"val_top1": accuracy(head, val, device=device, dist=dist), "codes_in_use": int(codes_in_use(head).sum())}
-
-    return Phase(name, head, groups, loss, validate, OptimSettings(epochs, s.head_lr, s.weight_decay, s.warmup_epochs, "adamw"))
-
-
-def _config(cache: Cache, codebook_path, codebook_meta: dict, settings: TrainSettings, data: TrainingData,
-            dist: Distributed, on_gpu: bool) -> dict:
+def _config(cache: Cache, codebook_path, codebook_meta: dict, codes: torch.Tensor, settings: TrainSettings,
+            data: TrainingData, dist: Distributed, on_gpu: bool) -> dict:
     """Everything a later command needs to know about how RUN was made."""
     val_digest = hashlib.sha256(np.ascontiguousarray(data.val_rows, dtype=np.int64).tobytes()).hexdigest()[:16]
-    return {
+    return run_config({
         "command": "train",
         "settings": asdict(settings),
         "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "classes": cache.classes,
                   "grid": list(cache.grid), "dim": cache.dim, "provenance": cache.provenance},
-        "codebook": {"path": str(Path(codebook_path).resolve()), "meta": codebook_meta},
+        "codebook": {"path": str(Path(codebook_path).resolve()), "meta": codebook_meta, "codes_sha256": _digest(codes)},
         "validation": {"split": "train", "fraction": settings.val_fraction, "seed": settings.seed,
                        "rows": int(len(data.val_rows)), "rows_sha256": val_digest},
         "data": {"path": "ram" if data.in_ram else "stream", "views": data.views, "world_size": dist.world,
@@ -327,14 +277,19 @@ def _config(cache: Cache, codebook_path, codebook_meta: dict, settings: TrainSet
         "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
+
+
+def _digest(codes: torch.Tensor) -> str:
+    return hashlib.sha256(codes.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _resume_key(config: dict) -> dict:
-    """What must not change between a stopped run and its resumption."""
+    """What must not change between a stopped run and its resumption: settings, the cache, the codebook's codes,
+    the validation rows and the resolved data path (RAM or streamed: they visit rows in another order)."""
     settings = {k: v for k, v in config["settings"].items() if k not in RESUMABLE_CHANGES}
-    return {"settings": settings, "cache": config["cache"]["fingerprint"],
-            "codebook": config["codebook"]["meta"].get("created_utc"), "validation": config["validation"]["rows_sha256"]}
+    return {"settings": settings, "cache": config["cache"]["fingerprint"], "codebook": config["codebook"]["codes_sha256"],
+            "validation": config["validation"]["rows_sha256"], "data_path": config["data"]["path"]}
 
 
 def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
@@ -346,7 +301,7 @@ def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
     if theirs != ours:
         diff = sorted(k for k in set(theirs.get("settings", {})) | set(ours["settings"])
                       if theirs.get("settings", {}).get(k) != ours["settings"].get(k))
-        diff += [k for k in ("cache", "codebook", "validation") if theirs.get(k) != ours[k]]
+        diff += [k for k in ("cache", "codebook", "validation", "data_path") if theirs.get(k) != ours[k]]
         raise ProtoquantError(f"--resume: the stopped run in {path.parent} was started with other settings or inputs "
                               f"(differs in: {', '.join(diff)}); use the same options, or start again without --resume")
     states = {}

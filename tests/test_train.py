@@ -259,6 +259,8 @@ def test_resume_continues_to_the_same_head(parts, tmp_path) -> None:
 
 def test_existing_run_is_refused_without_overwrite(parts, tmp_path) -> None:
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"format": "protoquant-run", "command": "train"}')
+    (tmp_path / "run" / "head.safetensors").write_bytes(b"")
     with pytest.raises(ProtoquantError, match="already exists"):
         train(parts["cache"], parts["codebook"], tmp_path / "run", FAST)
 
