@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision are pinned to the pair this project is tested with (timm needs torchvision).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "protoquant needs Python >= 3.11 (set PYTHON=python3.11)"'
@@ -24,6 +24,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# ruff (pyflakes + pycodestyle errors); the layer contract is a test (tests/test_layers.py)
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/run_all.py

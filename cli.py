@@ -1,50 +1,179 @@
-"""protoquant's command line: parse options, call a stage, print the result. Nothing else lives here."""
+"""protoquant's command line: parse options, call a stage, print the result. Nothing else lives here.
+
+One output policy for every command: results go to stdout (`--json`: one JSON document and nothing
+else), progress, hints and notes go to stderr, and any error is ONE `error: ...` line on stderr with
+exit code 2 - bad options included, never a traceback.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperGroup
+
+try:  # typer >= 0.24 vendors its own copy of click; its exceptions are the ones raised
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_errors
 
 from pipeline.errors import ProtoquantError
 
-console = Console(stderr=True)
+out_console = Console()             # results
+console = Console(stderr=True)      # progress, hints, notes and errors
+
+# The order of `protoquant --help`: the order of the pipeline.
+PIPELINE_ORDER = ("demo", "make-birds", "shards", "extract", "info", "codebook", "train", "evaluate", "predict",
+                  "explain", "gallery", "prune")
 
 
-class _App(typer.Typer):
-    """A typer app that prints ProtoquantError as one clear line (exit 2) instead of a traceback."""
+def print_error(message: str) -> None:
+    """The one way an error reaches the user: a single `error: ...` line on stderr (no markup, no wrapping)."""
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(message).split())), soft_wrap=True)
 
-    def __call__(self, *args, **kwargs):
+
+def _usage_error_line(err: click_errors.UsageError) -> str:
+    where = f" (see: {err.ctx.command_path} --help)" if err.ctx is not None else ""
+    return f"{err.format_message()}{where}"
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (a preprocessing mismatch, a dropped classifier) as one `warning: ...` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+class _PipelineGroup(TyperGroup):
+    """Commands in pipeline order; ProtoquantError and usage errors become one line and exit code 2."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        names = list(self.commands)
+        return sorted(names, key=lambda name: PIPELINE_ORDER.index(name) if name in PIPELINE_ORDER else len(names))
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        warnings.showwarning = _warning_line
         try:
-            return super().__call__(*args, **kwargs)
+            code = super().main(*args, standalone_mode=False, **kwargs)
         except ProtoquantError as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            print_error(str(err))
             sys.exit(2)
+        except click_errors.NoArgsIsHelpError as err:
+            from typer import rich_utils
+
+            rich_utils.rich_format_error(err)
+            sys.exit(err.exit_code)
+        except click_errors.UsageError as err:
+            print_error(_usage_error_line(err))
+            sys.exit(2)
+        except click_errors.ClickException as err:
+            print_error(err.format_message())
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
-app = _App(
+app = typer.Typer(
+    cls=_PipelineGroup,
     name="protoquant",
     help="Interpretable image classification with quantized prototypical parts (ProtoQuant).\n\n"
     "Run the frozen backbone ONCE ([bold]extract[/]), then build codebooks, train heads, evaluate and "
-    "explain from the feature cache in seconds to minutes.",
+    "explain from the feature cache in seconds to minutes.\n\n"
+    "Results go to stdout (--json: pure JSON), progress and notes to stderr; an error is one line and exit code 2.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
 
-# Shared option types: one meaning everywhere.
+
+# ---- option checks: each rule lives here once ----
+
+def number_rule(*, low: float | None = 0.0, low_open: bool = False, high: float | None = None,
+                high_open: bool = True, hint: str = "") -> Callable:
+    """A typer callback refusing NaN, infinities and values outside [low, high) (open or closed ends as asked)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    if high is None:
+        rule = f"> {low:g}" if low_open else f">= {low:g}"
+    else:
+        rule = f"in {left}{low:g}, {high:g}{right}"
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise typer.BadParameter(f"got {value:g}; pass a finite number {rule}{hint}")
+        return value
+
+    return check
+
+
+def float_option(*names: str, help: str, **rule) -> typer.models.OptionInfo:
+    """A float option checked by number_rule (finite, and >= 0 unless told otherwise)."""
+    return typer.Option(*names, help=help, callback=number_rule(**rule))
+
+
+def learning_rate(name: str, help: str) -> typer.models.OptionInfo:
+    return float_option(name, help=help, hint=" (a negative rate climbs the loss)")
+
+
+def check_device(text: str) -> str:
+    """--device goes through the one device rule at parse time; the text itself (auto stays auto) is kept."""
+    from pipeline.devices import resolve_device
+
+    resolve_device(text)
+    return text
+
+
+def concrete_device(text: str) -> str:
+    """The device string for stages that need a real one ('auto' resolved: cuda when present, else cpu)."""
+    from pipeline.devices import resolve_device
+
+    return str(resolve_device(text))
+
+
+# ---- shared option types: one meaning, one help, one check everywhere ----
 CacheArg = Annotated[Path, typer.Argument(help="Feature cache (a Zarr v3 store made by [bold]protoquant extract[/]).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same result.")]
 RunArg = Annotated[Path, typer.Argument(help="A run directory made by [bold]protoquant train[/] (or prune).")]
-RunCacheOpt = Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json).")]
-AutoDeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when present), cpu or cuda.")]
+RunCacheOpt = Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache (default: the path recorded in RUN/config.json; pass --cache when the cache has moved).")]
+DeviceOpt = Annotated[str, typer.Option("--device", callback=check_device, help="auto (cuda when present, else cpu), cpu, cuda or cuda:N.")]
+WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="The backbone's local weights (.safetensors or .pth), when the cache was extracted with --weights.")]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help="The dataset the cache was extracted from, for the pixels (default: the path recorded in the cache).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output that protoquant wrote (anything else there is refused, never deleted).")]
+BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name, e.g. convnext_tiny, resnet50, vit_small_patch16_224, tf_efficientnet_lite0.")]
+
+
+def print_json(value, *, indent: int | None = None) -> None:
+    """`--json`: one JSON document on stdout (NaN written as null, never as the invalid `NaN`)."""
+    print(json.dumps(_json_clean(value), indent=indent, default=str))
+
+
+def _json_clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_clean(v) for v in value]
+    return value
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 # ---- commands are registered below, one block per stage ----
 
@@ -69,12 +198,12 @@ def demo(
     result = run_demo(out, quick=quick, say=console.print, progress=True)
     evaluation = result.figures["evaluation"]
     purity = result.figures["interpretability"].get("purity", {})
-    console.print(f"\n[bold green]done[/] in {result.seconds:.0f} s"
-                  f"{' (skipped: ' + ', '.join(result.skipped_steps) + ')' if result.skipped_steps else ''}")
-    console.print(f"ProtoQuant test top-1 {evaluation['top1']:.3f} (linear probe {evaluation['probe_top1']:.3f}), "
-                  f"{evaluation['codes_used']} codes in use, local explanation size {evaluation['local_size']:.1f}"
-                  + (f", purity {purity['mean']:.3f}" if purity.get("mean") is not None else ""))
-    console.print(f"open [bold]{result.report.resolve()}[/]")
+    skipped = f" (skipped: {', '.join(result.skipped_steps)})" if result.skipped_steps else ""
+    console.print(f"\n[bold green]done[/] in {result.seconds:.0f} s{skipped}", highlight=False)
+    out_console.print(f"ProtoQuant test top-1 {evaluation['top1']:.3f} (linear probe {evaluation['probe_top1']:.3f}), "
+                      f"{evaluation['codes_used']} codes in use, local explanation size {evaluation['local_size']:.1f}"
+                      + (f", purity {purity['mean']:.3f}" if purity.get("mean") is not None else ""), highlight=False)
+    out_console.print(f"report: {result.report.resolve()}", highlight=False, soft_wrap=True)
 
 
 # ---- stage 2: codebook ----
@@ -89,6 +218,7 @@ def codebook(
     seed: SeedOpt = 0,
     init: Annotated[str, typer.Option("--init", help="kmeans (spherical FAISS k-means: codes start on the data) or random (the paper's orthogonal init, for comparison).")] = "kmeans",
     backend: Annotated[str, typer.Option("--backend", help="auto (FAISS when installed, GPU when faiss-gpu sees one; else torch), faiss or torch.")] = "auto",
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Build the initial codebook: spherical k-means on a sample of the cache's TRAINING patch embeddings.
@@ -101,49 +231,82 @@ def codebook(
     """
     from stages.codebook import CodebookSettings, build_codebook
 
-    result = build_codebook(cache, out, CodebookSettings(k=k, sample=sample, iters=iters, seed=seed, init=init, backend=backend))
+    settings = CodebookSettings(k=k, sample=sample, iters=iters, seed=seed, init=init, backend=backend,
+                                device=concrete_device(device))
+    result = build_codebook(cache, out, settings)
     if json_out:
-        print(json.dumps({"path": str(result.path), "k": result.k, "dim": result.dim, "sample": result.sample,
-                          "objective": result.objective, "backend": result.backend, "seconds": result.seconds}))
+        print_json({"path": str(result.path), "k": result.k, "dim": result.dim, "sample": result.sample,
+                    "objective": result.objective, "backend": result.backend, "seconds": result.seconds})
         return
-    console.print(f"{result.k} codes x {result.dim} dims from {result.sample:,} patches ({result.backend}, "
-                  f"{result.seconds:.1f} s); mean cosine to the nearest code {result.objective:.3f} -> {result.path}",
-                  highlight=False)
-    console.print(f"Next: protoquant train {cache} --codebook {result.path} --out RUN", highlight=False)
+    out_console.print(f"{result.k} codes x {result.dim} dims from {result.sample:,} patches ({result.backend}, "
+                      f"{result.seconds:.1f} s); mean cosine to the nearest code {result.objective:.3f} -> {result.path}",
+                      highlight=False, soft_wrap=True)
+    console.print(f"Next: protoquant train {cache} --codebook {result.path} --out RUN", highlight=False, soft_wrap=True)
 
 
 # ---- stage 3: train ----
+
+# TrainSettings fields whose option has another name on the command line.
+_SETTING_TO_OPTION = {"use_views": "views"}
+
+
+def replay_config(ctx: typer.Context, value: Optional[Path]) -> Optional[Path]:
+    """`train --config RUN/config.json`: the recorded run becomes the defaults; explicit options still win."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    known = {param.name for param in ctx.command.params}
+    recorded = {name: value for name, value in recorded_train_options(value).items() if name in known}
+    ctx.default_map = {**(ctx.default_map or {}), **recorded}
+    return value
+
+
+def recorded_train_options(path: Path) -> dict:
+    """The options of the `protoquant train` run recorded in PATH (a run's config.json, or the run directory)."""
+    from pipeline.io import read_json
+
+    path = path / "config.json" if path.is_dir() else path
+    config = read_json(path, "--config")
+    settings = config.get("settings")
+    if config.get("command") != "train" or not isinstance(settings, dict):
+        raise ProtoquantError(f"--config {path}: not the config.json of a `protoquant train` run (it records no "
+                              "train settings); pass RUN/config.json of a trained run")
+    options = {_SETTING_TO_OPTION.get(name, name): value for name, value in settings.items()}
+    options["cache"] = (config.get("cache") or {}).get("path")
+    options["codebook"] = (config.get("codebook") or {}).get("path")
+    return {name: value for name, value in options.items() if value is not None}
+
 
 @app.command(rich_help_panel="Stages")
 def train(
     cache: CacheArg,
     codebook: Annotated[Path, typer.Option("--codebook", "-c", help="Initial codebook made by [bold]protoquant codebook[/] from this cache.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write (written beside it, renamed when done).")],
+    config: Annotated[Optional[Path], typer.Option("--config", is_eager=True, callback=replay_config, help="Replay a run: RUN/config.json (or RUN) supplies CACHE, --codebook and every training option as defaults; options given here override them. --out is always yours to give.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=0, help="Epochs of the interpretable head (stage B).")] = 40,
     probe_epochs: Annotated[int, typer.Option("--probe-epochs", min=0, help="Epochs of the linear probe (the frozen reference classifier).")] = 30,
     codebook_epochs: Annotated[int, typer.Option("--codebook-epochs", min=0, help="Epochs of codebook learning through the probe (stage A; 0 keeps the k-means codes).")] = 10,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 128,
-    probe_lr: Annotated[float, typer.Option("--probe-lr", help="AdamW learning rate of the probe.")] = 1e-3,
-    codebook_lr: Annotated[float, typer.Option("--codebook-lr", help="Adam learning rate of the codes in stage A (the paper's 5e-4).")] = 5e-4,
-    head_lr: Annotated[float, typer.Option("--head-lr", help="AdamW learning rate of the head's weights W (stage B).")] = 3e-2,
-    codes_lr: Annotated[float, typer.Option("--codes-lr", help="Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")] = 0.015,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay of the probe and of W.")] = 1e-4,
-    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up before the cosine decay, in epochs (every phase).")] = 1.0,
-    label_smoothing: Annotated[float, typer.Option("--label-smoothing", help="Label smoothing of every cross-entropy.")] = 0.1,
-    dict_weight: Annotated[float, typer.Option("--dict-weight", help="Weight of the dictionary MSE that pulls codes onto the patches they replace (stage A).")] = 1.0,
-    tau: Annotated[float, typer.Option("--tau", help="Temperature of the softmax over codes (stage B).")] = 0.1,
+    probe_lr: Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")] = 1e-3,
+    codebook_lr: Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A (the paper's 5e-4).")] = 5e-4,
+    head_lr: Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W (stage B).")] = 3e-2,
+    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")] = 0.015,
+    weight_decay: Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")] = 1e-4,
+    warmup_epochs: Annotated[float, float_option("--warmup-epochs", help="Linear warm-up before the cosine decay, in epochs (every phase; >= 0).")] = 1.0,
+    label_smoothing: Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")] = 0.1,
+    dict_weight: Annotated[float, float_option("--dict-weight", help="Weight of the dictionary MSE that pulls codes onto the patches they replace (stage A; >= 0).")] = 1.0,
+    tau: Annotated[float, float_option("--tau", low_open=True, hint=" (e.g. 0.1; smaller is closer to hard assignment)", help="Temperature of the softmax over codes (stage B; > 0).")] = 0.1,
     train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (stay on real patches; see grounding in metrics.json).")] = True,
-    l1: Annotated[float, typer.Option("--l1", help="L1 penalty on relu(W), per weight (0 = off).")] = 0.0,
-    mixup: Annotated[float, typer.Option("--mixup", help="Feature-space mixup Beta(a, a) for probe and head (0 = off).")] = 0.0,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each class's training images held out to pick the best epoch (seeded; test is never used).")] = 0.1,
+    l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 0.0,
+    mixup: Annotated[float, float_option("--mixup", hint=" (0 turns it off)", help="Feature-space mixup Beta(a, a) for probe and head (0 = off).")] = 0.0,
+    val_fraction: Annotated[float, float_option("--val-fraction", low_open=True, high=1.0, hint=": the held-out share picks each phase's best epoch, so it cannot be empty (e.g. 0.1)", help="Share of each class's training images held out to pick the best epoch, in (0, 1) (seeded; test is never used).")] = 0.1,
     seed: SeedOpt = 0,
     max_memory: Annotated[str, typer.Option("--max-memory", help="RAM budget for the training split, e.g. 2GB; above it the split is streamed chunk by chunk (0 = always stream; auto = half the free RAM).")] = "auto",
     views: Annotated[bool, typer.Option("--views/--no-views", help="Use the cache's augmented views (one drawn per image and epoch) when it holds some.")] = True,
     use_backbone_head: Annotated[bool, typer.Option("--use-backbone-head", help="Use the timm model's own classifier as the reference instead of a probe (only when it predicts exactly the dataset's classes; CNN backbones).")] = False,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="With --use-backbone-head: the backbone's local weights, when the cache was extracted with --weights.")] = None,
-    device: AutoDeviceOpt = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run of the same command from its last finished epoch.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing RUN.")] = False,
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run of the same command from its last finished epoch (without it, a stopped run's checkpoint is discarded).")] = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train a ProtoQuant head from the feature cache alone: probe, codebook (stage A), interpretable head (stage B).
@@ -165,16 +328,19 @@ def train(
     )
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_rank_zero():
         return
+    if getattr(result, "discarded_checkpoint", False):
+        console.print(f"note: the stopped run's checkpoint for {out} was discarded and training started over "
+                      "(add --resume to continue a stopped run instead)", highlight=False, soft_wrap=True)
     if json_out:
-        print(json.dumps({"path": str(result.path), "resumed": result.resumed, **result.metrics}))
+        print_json({"path": str(result.path), "resumed": result.resumed, **result.metrics})
         return
     val = result.metrics["val_top1"]
-    console.print(f"validation top-1: probe {val['probe']:.3f}, quantized probe {val['quantized_probe']:.3f}, "
-                  f"ProtoQuant head {val['head']:.3f}; {result.metrics['codes_in_use']} of {result.metrics['k']} codes "
-                  f"in use; {result.metrics['seconds']:.0f} s -> {result.path}", highlight=False)
-    console.print(f"Next: protoquant evaluate {result.path}", highlight=False)
+    out_console.print(f"validation top-1: probe {val['probe']:.3f}, quantized probe {val['quantized_probe']:.3f}, "
+                      f"ProtoQuant head {val['head']:.3f}; {result.metrics['codes_in_use']} of {result.metrics['k']} "
+                      f"codes in use; {result.metrics['seconds']:.0f} s -> {result.path}", highlight=False, soft_wrap=True)
+    console.print(f"Next: protoquant evaluate {result.path}", highlight=False, soft_wrap=True)
 
 
 # ---- evaluate a run ----
@@ -185,8 +351,8 @@ def evaluate(
     cache: RunCacheOpt = None,
     split: Annotated[str, typer.Option("--split", help="Which split of the cache to score.")] = "test",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="For runs trained with --use-backbone-head on a cache made with --weights: that file.")] = None,
-    device: AutoDeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
     data: Annotated[Optional[Path], typer.Option("--data", help="The dataset's images: adds grounding, purity (needs part keypoints), misalignment, stability and deletion.")] = None,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="With --data: test images run through the backbone for misalignment, stability and deletion.")] = 32,
     json_out: JsonOpt = False,
@@ -199,16 +365,45 @@ def evaluate(
 
     Example: protoquant evaluate run/ --split test --json
     """
-    from stages.evaluate import evaluate_with_metrics, print_evaluation
+    from stages.evaluate import evaluate_with_metrics
 
     evaluation, metrics = evaluate_with_metrics(run, data=data, max_images=max_images, cache=cache, split=split,
                                                 batch_size=batch_size, device=device, weights=weights)
     if json_out:
-        print(json.dumps({**evaluation.to_json(), **metrics}))
+        print_json({**evaluation.to_json(), **metrics})
         return
-    print_evaluation(evaluation, run)
+    _print_evaluation(evaluation, run)
     for key, value in metrics.items():
-        console.print(f"[bold]{key}[/]: {json.dumps(value, default=float)}", highlight=False, soft_wrap=True)
+        out_console.print(Text.assemble((key, "bold"), f": {json.dumps(_json_clean(value), default=float)}"),
+                          soft_wrap=True)
+
+
+def _print_evaluation(result, run_path: Path) -> None:
+    """Rich tables: the summary, then per-class accuracy."""
+    from rich.table import Table
+
+    summary = Table(title=Text(f"{run_path} on the {result.split} split ({result.n} images)"))
+    summary.add_column("measure")
+    summary.add_column("value", justify="right")
+    rows = [
+        ("ProtoQuant top-1", f"{result.top1:.4f}"), ("ProtoQuant top-5", f"{result.top5:.4f}"),
+        ("probe top-1 (reference)", f"{result.probe_top1:.4f}"),
+        ("probe minus ProtoQuant", f"{result.probe_top1 - result.top1:+.4f}"),
+        ("codes in use", f"{result.codes_used} / {result.codes_total}"),
+        ("mean local explanation size", f"{result.local_size:.2f} codes"),
+        ("sparsity of W", f"{result.w_sparsity:.3f}"),
+    ]
+    if result.skipped:
+        rows.append(("skipped images (not scored)", str(result.skipped)))
+    for name, value in rows:
+        summary.add_row(name, value)
+    out_console.print(summary)
+    per_class = Table(title="per-class top-1")
+    per_class.add_column("class")
+    per_class.add_column("top-1", justify="right")
+    for name, value in result.per_class.items():
+        per_class.add_row(Text(name), f"{value:.3f}")
+    out_console.print(per_class)
 
 
 # ---- predict new images ----
@@ -219,25 +414,40 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
     cache: Annotated[Optional[Path], typer.Option("--cache", help="The run's feature cache, checked against the run (default: the recorded path when it exists; else the backbone recorded in RUN/config.json is used as is).")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Top contributing codes shown per image.")] = 5,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="The backbone's local weights, when the cache was extracted with --weights.")] = None,
-    device: AutoDeviceOpt = "auto",
+    weights: WeightsOpt = None,
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Classify image files end to end: the cache's backbone (same weights and preprocessing), then the head.
 
-    Reads RUN (and the backbone named in the cache's provenance). For each image prints the class, its probability, and the codes that contributed most to it with the grid cell (and input-pixel box) where each fired. --json prints a list with one object per image. Writes nothing.
+    Reads RUN (and the backbone named in the cache's provenance). For each image prints the class, its probability, and the codes that contributed most to it with the grid cell where each fired and that cell's receptive box in the image's own pixels (x, y, width, height). --json prints a list with one object per image. Writes nothing.
 
     Before: [bold]protoquant train[/]. See also: [bold]protoquant explain[/] for pages with the training patches of each code.
 
     Example: protoquant predict run/ bird1.jpg bird2.png --top 3
     """
-    from stages.predict import predict as run_predict, print_predictions
+    from stages.predict import predict as run_predict
 
     predictions = run_predict(run, images, cache=cache, top=top, weights=weights, device=device)
     if json_out:
-        print(json.dumps([p.to_json() for p in predictions]))
+        print_json([p.to_json() for p in predictions])
     else:
-        print_predictions(predictions)
+        _print_predictions(predictions)
+
+
+def _print_predictions(predictions: list) -> None:
+    """One small table per image: the codes behind the predicted class."""
+    from rich.table import Table
+
+    for p in predictions:
+        title = Text.assemble(f"{p.image}: ", (p.label, "bold"), f" ({p.probability:.3f})")
+        table = Table(title=title, title_justify="left")
+        for column in ("code", "contribution", "presence", "cell (row, col)", "box in image (x, y, w, h)"):
+            table.add_column(column, justify="right")
+        for e in p.evidence:
+            table.add_row(str(e.code), f"{e.contribution:.3f}", f"{e.presence:.3f}", f"{e.cell[0]}, {e.cell[1]}",
+                          ", ".join(f"{v:.0f}" for v in e.box))
+        out_console.print(table)
 
 
 # ---- prune / edit a run ----
@@ -246,13 +456,13 @@ def predict(
 def prune(
     run: RunArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The new run directory to write.")],
-    min_usage: Annotated[float, typer.Option("--min-usage", help="Remove codes chosen by fewer than this fraction of the TRAINING patches (argmax by cosine; e.g. 0.001).")] = 0.0,
+    min_usage: Annotated[float, float_option("--min-usage", high=1.0, high_open=False, hint=" (a fraction of the patches; e.g. 0.001)", help="Remove codes chosen by fewer than this fraction of the TRAINING patches (argmax by cosine; e.g. 0.001).")] = 0.0,
     top_k_per_class: Annotated[Optional[int], typer.Option("--top-k-per-class", min=1, help="Keep each class's K largest weights, zero the rest.")] = None,
     drop_codes: Annotated[Optional[str], typer.Option("--drop-codes", help="Remove these codes everywhere (editing), e.g. 3,17.")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Then fine-tune the head this many epochs (zeroed weights stay zero).")] = 0,
     cache: RunCacheOpt = None,
-    device: AutoDeviceOpt = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+    device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write RUN2/report/index.html: removed codes with their patches, accuracy before and after, changed test predictions.")] = True,
     data: Annotated[Optional[Path], typer.Option("--data", help="The dataset's images for the report (default: the one recorded in the cache).")] = None,
     json_out: JsonOpt = False,
@@ -265,23 +475,35 @@ def prune(
 
     Example: protoquant prune run/ --out run-k5/ --top-k-per-class 5 --finetune-epochs 5
     """
-    from stages.prune import PruneSettings, parse_codes, print_prune, prune as run_prune
+    from stages.prune import PruneSettings, parse_codes, prune as run_prune
 
     settings = PruneSettings(min_usage=min_usage, top_k_per_class=top_k_per_class, drop_codes=parse_codes(drop_codes),
                              finetune_epochs=finetune_epochs)
     result = run_prune(run, out, settings, cache=cache, device=device, overwrite=overwrite, progress=not json_out,
                        report=report, data=data)
     if json_out:
-        print(json.dumps({"path": str(result.path), "before": result.before, "after": result.after,
-                          "removed_named": result.removed_named, "removed_by_usage": result.removed_by_usage,
-                          "report": str(result.report) if result.report else None}))
+        print_json({"path": str(result.path), "before": result.before, "after": result.after,
+                    "removed_named": result.removed_named, "removed_by_usage": result.removed_by_usage,
+                    "report": str(result.report) if result.report else None})
         return
-    print_prune(result)
+    _print_prune(result)
     if result.report:
-        console.print(f"report: open [bold]{result.report}[/]")
+        out_console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
     elif result.report_skipped:
-        console.print(f"[yellow]no report:[/] {result.report_skipped}")
+        console.print(Text.assemble(("no report: ", "yellow"), result.report_skipped), soft_wrap=True)
 
+
+def _print_prune(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=Text(f"pruned run {result.path}"))
+    for column in ("", "val top-1", "test top-1 (information)", "codes in use"):
+        table.add_column(column, justify="right")
+    for name, values in (("before", result.before), ("after", result.after)):
+        test = "-" if values["test_top1"] is None else f"{values['test_top1']:.4f}"
+        table.add_row(name, f"{values['val_top1']:.4f}", test, str(values["codes_in_use"]))
+    out_console.print(table)
+    out_console.print(f"removed {len(result.removed_named)} named and {len(result.removed_by_usage)} rarely used codes")
 
 
 # ---- stage 1: extract, info ----
@@ -289,19 +511,20 @@ def prune(
 @app.command(rich_help_panel="Stages")
 def extract(
     data: Annotated[str, typer.Argument(help="Dataset: an ImageFolder dir (train/<class>/..., test/ or val/), a CUB-200-2011 dir, or WebDataset shards (a dir of .tar files or a brace pattern).")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name, e.g. convnext_tiny, resnet50, vit_small_patch16_224, tf_efficientnet_lite0.")],
+    backbone: BackboneOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="The cache to write (a Zarr v3 store, a directory).")],
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Pretrained weights: built-in offline ImageNet weights for tf_efficientnet_lite0, timm's hub for other models (needs the network).")] = False,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="A local state dict (.safetensors or .pth) for the backbone.")] = None,
+    weights: WeightsOpt = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Input side in pixels (default: the model's own); resize and crop follow timm's data config.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes (0 decodes in the main process).")] = 2,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda (cuda uses bf16 autocast and channels-last).")] = "cpu",
+    device: DeviceOpt = "auto",
     views: Annotated[int, typer.Option("--views", min=0, help="Also cache N augmented views (random resized crop + flip, seeded) of each TRAINING image.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip corrupt or truncated images (listed in the store and the summary) instead of stopping.")] = False,
     crop_to_box: Annotated[bool, typer.Option("--crop-to-box", help="CUB layout: crop each image to its bird box first, as the paper does for CUB.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing cache made with other settings.")] = False,
+    overwrite: OverwriteOpt = False,
     shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", min=1, help="Images per shard, the unit of work and of resume (default: 8 chunks of <=16 MiB).")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="Dataset layout: auto (detect), imagefolder, cub or wds.")] = "auto",
 ) -> None:
     """Run a frozen backbone ONCE over every split of DATA and cache the patch-embedding grids.
 
@@ -315,28 +538,108 @@ def extract(
 
     summary = run_extract(
         data, out, backbone=backbone, pretrained=pretrained, weights=weights, image_size=image_size,
-        batch_size=batch_size, workers=workers, device=device, views=views, skip_bad=skip_bad,
-        crop_to_box=crop_to_box, overwrite=overwrite, rows_per_shard=shard_rows, progress=True,
+        batch_size=batch_size, workers=workers, device=concrete_device(device), views=views, skip_bad=skip_bad,
+        crop_to_box=crop_to_box, overwrite=overwrite, rows_per_shard=shard_rows, kind=kind, progress=True,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
-        from stages.info import print_extract_summary
-
-        print_extract_summary(summary)
+    if is_rank_zero():
+        _print_extract_summary(summary)
 
 
-@app.command(rich_help_panel="Inspect")
+@app.command(rich_help_panel="Stages")
 def info(
-    path: Annotated[Path, typer.Argument(help="A feature cache (or, later, a run directory).")],
+    path: Annotated[Path, typer.Argument(help="A feature cache, or a run directory (then its summary).")],
     json_out: JsonOpt = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read every shard and compare it with the checksum written with it (reads the whole cache); exit code 2 when damaged.")] = False,
 ) -> None:
-    """Show what a cache holds: splits, shapes, classes, backbone, provenance, and whether it is complete."""
-    from stages.info import describe, print_description
+    """Show what a cache holds: splits, shapes, classes, backbone, provenance, and whether it is complete and intact (a run directory: what it was made from)."""
+    from stages.info import describe, require_intact
 
-    description = describe(path)
+    if _is_run(path):
+        _show_run(path, json_out)
+        return
+    description = describe(path, verify=verify)
     if json_out:
-        print(json.dumps(description, indent=2))
+        print_json(description, indent=2)
     else:
-        print_description(description)
+        _print_description(description)
+    require_intact(description)
+
+
+def _print_extract_summary(summary) -> None:
+    from rich.table import Table
+
+    table = Table("split", "features (N, H, W, D)", title=Text(f"cached to {summary.path}"))
+    for name, shape in summary.splits.items():
+        table.add_row(name, str(shape))
+    out_console.print(table)
+    resumed = f", {summary.resumed_shards} shards kept from an earlier run" if summary.resumed_shards else ""
+    out_console.print(f"{summary.images} images in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s), "
+                      f"{summary.gigabytes:.3f} GB{resumed}", highlight=False)
+    if summary.skipped:
+        more = " ..." if len(summary.skipped) > 10 else ""
+        out_console.print(Text.assemble((f"skipped {len(summary.skipped)} bad files: ", "yellow"),
+                                        ", ".join(summary.skipped[:10]) + more), soft_wrap=True)
+    console.print(f"next: protoquant info {summary.path}", highlight=False, soft_wrap=True)
+
+
+def _print_description(d: dict) -> None:
+    from rich.table import Table
+
+    prov = d["provenance"]
+    state = (("complete", "green") if d["complete"]
+             else (f"damaged: {len(d['damaged'])} problems", "red") if d["damaged"]
+             else ("incomplete - run the same extract command again to resume", "yellow"))
+    if d["complete"] and d["verified"]:
+        state = ("complete, every shard verified", "green")
+    out_console.print(Text.assemble((str(d["path"]), "bold"), "  ", state, f"  fingerprint {d['fingerprint']}"),
+                      soft_wrap=True)
+    out_console.print(Text.assemble("backbone ", (prov["backbone"], "bold"),
+                                    f"  weights {prov['weights']}  grid {prov['grid'][0]}x{prov['grid'][1]}  "
+                                    f"dim {prov['dim']}  input {prov['data_config']['input_size'][-1]} px  "
+                                    f"timm {prov['timm_version']}"), soft_wrap=True)
+    out_console.print(Text(f"source {d['source']['kind']}: {d['source']['path']}"), soft_wrap=True)
+    names = d["classes"]
+    out_console.print(Text(f"{len(names)} classes: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"),
+                      soft_wrap=True)
+    table = Table("split", "features", "views", "shards", "skipped", "GB", "annotations")
+    for name, split in d["splits"].items():
+        table.add_row(name, "x".join(map(str, split["shape"])), str(split["views"]),
+                      f"{split['shards_done']}/{split['shards']}", str(split["skipped"]), f"{split['gigabytes']:.3f}",
+                      ", ".join(split["annotations"]) or "-")
+    out_console.print(table)
+
+
+def _is_run(path: Path) -> bool:
+    from pipeline.run import is_run_dir
+
+    return is_run_dir(path) or (path.is_dir() and (path / "config.json").is_file() and not (path / "zarr.json").exists())
+
+
+def _show_run(path: Path, json_out: bool) -> None:
+    """`info RUN`: say that it is a run and what it was made from; scores come from `evaluate`."""
+    from pipeline.io import read_json
+
+    config = read_json(path / "config.json", f"run {path}")
+    metrics = read_json(path / "metrics.json", f"run {path}") if (path / "metrics.json").is_file() else {}
+    summary = {
+        "path": str(path), "kind": "run", "command": config.get("command"),
+        "cache": (config.get("cache") or {}).get("path"), "codebook": (config.get("codebook") or {}).get("path"),
+        "classes": len((config.get("cache") or {}).get("classes") or []), "k": metrics.get("k"),
+        "codes_in_use": metrics.get("codes_in_use"), "val_top1": metrics.get("val_top1"),
+        "created_utc": config.get("created_utc"),
+    }
+    if json_out:
+        print_json(summary)
+        return
+    out_console.print(Text.assemble((str(path), "bold"), f" is a run ({summary['command'] or 'train'}) made "
+                                    f"{summary['created_utc'] or '(date not recorded)'} from the cache "
+                                    f"{summary['cache']} with the codebook {summary['codebook']}"), soft_wrap=True)
+    if summary["k"] is not None:
+        out_console.print(f"{summary['classes']} classes, {summary['codes_in_use']} of {summary['k']} codes in use; "
+                          f"validation top-1 {json.dumps(_json_clean(summary['val_top1']))}", highlight=False,
+                          soft_wrap=True)
+    console.print(f"Scores on a split: protoquant evaluate {path}; the cache itself: protoquant info {summary['cache']}",
+                  highlight=False, soft_wrap=True)
 
 
 # ---- shards: ImageFolder / CUB -> WebDataset ----
@@ -369,17 +672,18 @@ def shards(
 
     index = make_shards(data, out, max_count=max_count, seed=seed, kind=kind, overwrite=overwrite)
     if json_out:
-        print(json.dumps(index, indent=2))
+        print_json(index, indent=2)
         return
-    table = Table(title=f"WebDataset shards in {out}")
+    table = Table(title=Text(f"WebDataset shards in {out}"))
     for column in ("split", "images", "shards", "files"):
         table.add_column(column, justify="right" if column in ("images", "shards") else "left")
     for split, shard_list in index["splits"].items():
         names = [shard["url"] for shard in shard_list]
         files = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
         table.add_row(split, str(sum(s["nsamples"] for s in shard_list)), str(len(names)), files)
-    Console().print(table)
-    Console().print(f"{len(index['classes'])} classes; next: protoquant extract {out} --backbone NAME --out CACHE")
+    out_console.print(table)
+    out_console.print(f"{len(index['classes'])} classes", highlight=False)
+    console.print(f"Next: protoquant extract {out} --backbone NAME --out CACHE", highlight=False, soft_wrap=True)
 
 
 # ---- make-birds: the procedural CUB-layout dataset ----
@@ -391,7 +695,7 @@ def make_birds_cmd(
     per_class: Annotated[int, typer.Option("--per-class", help="Images per class (at least 2: one train, one test).")] = 40,
     size: Annotated[int, typer.Option("--size", help="Image side in pixels (square images), 64 to 2048.")] = 224,
     seed: SeedOpt = 0,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of each class's images in the test split (stratified; at least one per class).")] = 0.3,
+    test_fraction: Annotated[float, float_option("--test-fraction", low_open=True, high=1.0, help="Share of each class's images in the test split (stratified; at least one per class).")] = 0.3,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset make-birds wrote in OUT before (refused if OUT holds other files).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -416,9 +720,9 @@ def make_birds_cmd(
         overwrite=overwrite,
     )
     if json_out:
-        print(json.dumps(asdict(summary) | {"n_images": summary.n_images}, indent=2, default=str))
+        print_json(asdict(summary) | {"n_images": summary.n_images}, indent=2)
         return
-    table = Table(title=f"Birds dataset in {out}", show_header=False)
+    table = Table(title=Text(f"Birds dataset in {out}"), show_header=False)
     table.add_row("classes", str(summary.n_classes))
     table.add_row("images", f"{summary.n_images} ({summary.n_train} train, {summary.n_test} test), {size} x {size} px")
     table.add_row("parts", ", ".join(summary.parts))
@@ -426,24 +730,25 @@ def make_birds_cmd(
     for _, _, part in summary.one_part_pairs:
         by_part[part] = by_part.get(part, 0) + 1
     table.add_row("one-part pairs", ", ".join(f"{part} {n}" for part, n in by_part.items()) or "none")
-    Console().print(table)
-    Console().print(f"Classes and what separates them: {out / 'README.txt'}")
-    Console().print(f"Next: protoquant extract {out} --backbone tf_efficientnet_lite0 --pretrained --out birds.zarr")
+    out_console.print(table)
+    out_console.print(f"Classes and what separates them: {out / 'README.txt'}", highlight=False, soft_wrap=True)
+    console.print(f"Next: protoquant extract {out} --backbone tf_efficientnet_lite0 --pretrained --out birds.zarr",
+                  highlight=False, soft_wrap=True)
 
 
 # ---- gallery: every prototype by its nearest training patches ----
 
-@app.command(rich_help_panel="Explain")
+@app.command(rich_help_panel="Use a run")
 def gallery(
     run: RunArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the site (index.html, class pages, thumbs/).")],
     cache: RunCacheOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="The dataset the cache was extracted from, for the pixels (default: the path recorded in the cache).")] = None,
+    data: DataOpt = None,
     patches: Annotated[int, typer.Option("--patches", min=1, max=10, help="Nearest training patches shown per code.")] = 6,
     per_page: Annotated[int, typer.Option("--per-page", min=1, help="Codes per index page.")] = 100,
     class_top: Annotated[int, typer.Option("--class-top", min=1, help="Prototypes shown on each class page.")] = 10,
     thumb_size: Annotated[int, typer.Option("--thumb-size", min=16, help="Thumbnail side in pixels.")] = 96,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda, for finding the nearest patches.")] = "cpu",
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Write a static site showing every code in use by its nearest training patches.
@@ -457,33 +762,33 @@ def gallery(
     from stages.gallery import GallerySettings, gallery as run_gallery
 
     settings = GallerySettings(patches=patches, per_page=per_page, class_top=class_top, thumb_size=thumb_size,
-                               device=device)
+                               device=concrete_device(device))
     summary = run_gallery(run, out, cache=cache, data=data, settings=settings)
     if json_out:
-        print(json.dumps({"index": str(summary.index), "codes": summary.codes, "pages": summary.pages,
-                          "classes": summary.classes, "thumbnails": summary.thumbnails,
-                          "grounding": summary.grounding, "seconds": summary.seconds}, indent=2))
+        print_json({"index": str(summary.index), "codes": summary.codes, "pages": summary.pages,
+                    "classes": summary.classes, "thumbnails": summary.thumbnails,
+                    "grounding": summary.grounding, "seconds": summary.seconds}, indent=2)
         return
     grounding = summary.grounding
-    Console().print(f"{summary.codes} codes on {summary.pages} pages, {summary.classes} class pages, "
-                    f"{summary.thumbnails} thumbnails in {summary.seconds:.1f} s; mean grounding cosine "
-                    f"{grounding.get('mean_cosine', float('nan')):.3f}")
-    Console().print(f"Open {summary.index}")
+    out_console.print(f"{summary.codes} codes on {summary.pages} pages, {summary.classes} class pages, "
+                      f"{summary.thumbnails} thumbnails in {summary.seconds:.1f} s; mean grounding cosine "
+                      f"{grounding.get('mean_cosine', float('nan')):.3f}", highlight=False)
+    out_console.print(f"Open {summary.index}", highlight=False, soft_wrap=True)
 
 
 # ---- explain: local explanations of new images ----
 
-@app.command(rich_help_panel="Explain")
+@app.command(rich_help_panel="Use a run")
 def explain(
     run: RunArg,
     images: Annotated[list[Path], typer.Argument(help="Image files to explain (any format Pillow reads).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the pages (index.html, image-NNN.html, images/, thumbs/).")],
     cache: RunCacheOpt = None,
-    data: Annotated[Optional[Path], typer.Option("--data", help="The dataset the cache was extracted from, for the training patches (default: the path recorded in the cache).")] = None,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="The backbone's local weights, when the cache was extracted with --weights.")] = None,
+    data: DataOpt = None,
+    weights: WeightsOpt = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Top contributing codes shown for the prediction.")] = 5,
     patches: Annotated[int, typer.Option("--patches", min=1, max=10, help="Nearest training patches shown beside each code.")] = 5,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Explain new images end to end (backbone + head) as static pages: "this looks like that".
@@ -498,16 +803,15 @@ def explain(
 
     from stages.explain import ExplainSettings, explain as run_explain
 
-    settings = ExplainSettings(top_codes=top, patches=patches, device=device)
+    settings = ExplainSettings(top_codes=top, patches=patches, device=concrete_device(device))
     summary = run_explain(run, images, out, cache=cache, data=data, weights=weights, settings=settings)
     if json_out:
-        print(json.dumps({"index": str(summary.index), "explanations": [asdict(e) for e in summary.explanations]},
-                         indent=2))
+        print_json({"index": str(summary.index), "explanations": [asdict(e) for e in summary.explanations]}, indent=2)
         return
     for e in summary.explanations:
         runner = f" (runner-up {e.runner_up} {e.runner_up_probability:.2f})" if e.runner_up else ""
-        Console().print(f"{e.image}: {e.predicted} {e.probability:.2f}{runner}", highlight=False)
-    Console().print(f"Open {summary.index}")
+        out_console.print(Text(f"{e.image}: {e.predicted} {e.probability:.2f}{runner}"), soft_wrap=True)
+    out_console.print(f"Open {summary.index}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main() -> None:
     n = len(paths)
     print(f"extraction: {n} images, {args.backbone} @ {args.image_size}px, batch {args.batch_size}, "
           f"{args.workers} workers, {torch.get_num_threads()} threads")
-    print(f"| run | best s | images/s |\n|---|---|---|")
+    print("| run | best s | images/s |\n|---|---|---|")
     print(f"| bare timm loop (decode+forward, discard) | {min(bare):.2f} | {n / min(bare):.1f} |")
     print(f"| protoquant extract (+ Zarr cache) | {min(ours):.2f} | {n / min(ours):.1f} |")
     print(f"ratio extract / bare = {min(ours) / min(bare):.3f} (target <= 1.10)")

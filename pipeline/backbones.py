@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import timm
@@ -113,30 +114,89 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+WRAPPER_KEYS = ("state_dict", "model", "module")  # training scripts nest the state dict under one of these
+KEY_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, and torch.compile
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A local weights file -> a flat {key: tensor}; wrappers and prefixes removed, one line when it is not one."""
+    if path.is_dir():
+        raise ProtoquantError(f"--weights {path} is a directory: pass the weights file (.safetensors or .pth)")
     if not path.is_file():
         raise ProtoquantError(f"--weights {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    loaded = _read_safetensors(path) if path.suffix == ".safetensors" else _read_pickled_tensors(path)
+    return _flat_state_dict(loaded, path)
 
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickles with code in them are refused by weights_only
-            raise ProtoquantError(
-                f"--weights {path}: could not read it as a plain state dict ({err.__class__.__name__}); "
-                "save it with torch.save(model.state_dict(), ...) or as .safetensors"
-            ) from err
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ProtoquantError(
+            f"--weights {path} is not a safetensors file ({err}); a torch.save checkpoint must be named .pth"
+        ) from err
+
+
+def _read_pickled_tensors(path: Path):
+    try:  # weights_only: a pickle that would run code is refused before anything in it runs
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (not a zip), EOFError (truncated) ...
+        raise ProtoquantError(
+            f"--weights {path}: could not read it as a plain state dict ({err.__class__.__name__}); "
+            "save it with torch.save(model.state_dict(), ...) or as .safetensors"
+        ) from err
+
+
+def _flat_state_dict(loaded, path: Path) -> dict[str, torch.Tensor]:
+    """Unwrap {"state_dict"|"model"|"module": ...} (nested too), strip module. prefixes, keep the tensors."""
+    while isinstance(loaded, dict):
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(loaded.get(k), dict)), None)
+        if wrapper is None:
+            break
+        loaded = loaded[wrapper]
+    if not isinstance(loaded, dict):
+        raise ProtoquantError(
+            f"--weights {path} holds a {type(loaded).__name__}, not a state dict: "
+            "save it with torch.save(model.state_dict(), ...) or as .safetensors"
+        )
+    tensors = {_strip_prefixes(str(k)): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ProtoquantError(
+            f"--weights {path} holds no tensors (keys: {', '.join(map(str, list(loaded)[:5]))}): "
+            "pass a state dict saved with torch.save(model.state_dict(), ...) or as .safetensors"
+        )
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in KEY_PREFIXES:
+        key = key.removeprefix(prefix)
+    return key
+
+
+def _checkpoint_num_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The class count of a checkpoint's classifier when it differs from the model's, else None.
+
+    Fine-tuned checkpoints (CUB: 200 classes) carry a classifier of their own size; the features never
+    use it, and building the model with that size keeps it loadable for --use-backbone-head.
+    """
+    expected = model.state_dict()
+    for key in _classifier_keys(model):
+        if not key.endswith("weight") or key not in state:
+            continue
+        ours, theirs = expected[key].shape, state[key].shape
+        if len(ours) == len(theirs) == 2 and ours[1] == theirs[1] and ours[0] != theirs[0]:
+            return int(theirs[0])
+    return None
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    result = model.load_state_dict(state, strict=False)
     head = set(_classifier_keys(model))
+    _refuse_shape_mismatches(model, state, origin, head)
+    result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:
         raise ProtoquantError(
@@ -144,6 +204,20 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str)
             f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]}); "
             "check --backbone names the architecture the weights were trained with"
         )
+
+
+def _refuse_shape_mismatches(model: nn.Module, state: dict[str, torch.Tensor], origin: str, head: set[str]) -> None:
+    """One line naming the keys whose shapes differ (load_state_dict would raise a wall of them)."""
+    expected = model.state_dict()
+    differ = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if not differ:
+        return
+    where = "its classifier" if set(differ) <= head else f"{len(differ)} keys"
+    examples = ", ".join(f"{k} {list(state[k].shape)} vs {list(expected[k].shape)}" for k in differ[:3])
+    raise ProtoquantError(
+        f"{origin} does not fit this architecture: {where} have other shapes ({examples}); "
+        "check --backbone names the architecture the weights were trained with"
+    )
 
 
 def _classifier_keys(model: nn.Module) -> list[str]:
@@ -163,6 +237,21 @@ def _create(name: str, image_size: int | None, pretrained_hub: bool, model_kwarg
     except TypeError:
         kwargs.pop("img_size", None)  # CNNs take any size and have no img_size argument
         return timm.create_model(name, pretrained=pretrained_hub, **kwargs)
+
+
+def _create_seeded(name: str, image_size: int | None, hub: bool, model_kwargs: dict) -> nn.Module:
+    """_create under a fixed seed that leaves the caller's random state alone (random init is reproducible)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(RANDOM_INIT_SEED)
+        try:
+            return _create(name, image_size, hub, model_kwargs)
+        except (OSError, RuntimeError) as err:
+            if not hub:
+                raise
+            raise ProtoquantError(
+                f"--pretrained: could not fetch weights for {name!r} from the hub ({err.__class__.__name__}). "
+                f"Offline, pass --weights FILE, or use --backbone {BUILTIN_LITE0} --pretrained (built-in weights)"
+            ) from err
 
 
 def check_model_name(name: str) -> None:
@@ -192,20 +281,17 @@ def load_backbone(
     check_model_name(name)
     builtin = pretrained and weights is None and name.split(".")[0] == BUILTIN_LITE0
     hub = pretrained and weights is None and not builtin
-    with torch.random.fork_rng():
-        torch.manual_seed(RANDOM_INIT_SEED)
-        try:
-            model = _create(name, image_size, hub, model_kwargs or {})
-        except (OSError, RuntimeError) as err:
-            if not hub:
-                raise
-            raise ProtoquantError(
-                f"--pretrained: could not fetch weights for {name!r} from the hub ({err.__class__.__name__}). "
-                f"Offline, pass --weights FILE, or use --backbone {BUILTIN_LITE0} --pretrained (built-in weights)"
-            ) from err
+    kwargs = dict(model_kwargs or {})
+    model = _create_seeded(name, image_size, hub, kwargs)
     if weights is not None:
         path = Path(weights)
-        _load_weights(model, _read_state_dict(path), f"--weights {path}")
+        state = _read_state_dict(path)
+        classes = _checkpoint_num_classes(model, state)
+        if classes is not None:  # a fine-tuned classifier: build ours its size so the whole file loads
+            warnings.warn(f"--weights {path}: its classifier has {classes} classes; {name} is built with that "
+                          "classifier to load it (the cached features do not use it)", stacklevel=2)
+            model = _create_seeded(name, image_size, hub, {**kwargs, "num_classes": classes})
+        _load_weights(model, state, f"--weights {path}")
         identity = f"file:{path.name}:sha256:{_sha256(path)[:16]}"
     elif builtin:
         state, identity = builtin_lite0_state_dict(model)
@@ -287,4 +373,35 @@ def load_backbone_for_cache(provenance: dict, *, weights: str | Path | None = No
     )
     if backbone.weights != recorded:
         raise ProtoquantError(f"weights {backbone.weights} differ from the cache's {recorded}: use the weights the cache was made with")
-    return backbone
+    return with_recorded_preprocessing(backbone, provenance)
+
+
+class PreprocessingWarning(UserWarning):
+    """The installed timm resolves another data config than the one a cache recorded (the recorded one is used)."""
+
+
+def data_config_differences(recorded: dict, resolved: dict) -> list[str]:
+    """'key: recorded X, installed timm Y' for every data-config entry that differs."""
+    keys = sorted(set(recorded) | set(resolved))
+    plain = {k: (_jsonable(recorded).get(k), _jsonable(resolved).get(k)) for k in keys}
+    return [f"{k}: recorded {a!r}, installed timm {b!r}" for k, (a, b) in plain.items() if a != b]
+
+
+def with_recorded_preprocessing(backbone: Backbone, provenance: dict) -> Backbone:
+    """The backbone fed exactly as at extraction: the cache's RECORDED data config, never a re-resolved one.
+
+    A newer timm may resolve other defaults (crop, interpolation, mean/std) for the same model; that
+    difference is warned about (PreprocessingWarning) and the recorded config wins, so features of new
+    images match the cached ones.
+    """
+    recorded = {k: (tuple(v) if isinstance(v, list) else v) for k, v in provenance["data_config"].items()}
+    differences = data_config_differences(recorded, backbone.data_config)
+    if differences:
+        warnings.warn(f"{backbone.name}: using the data config recorded in the cache, not the one timm "
+                      f"{timm.__version__} resolves ({'; '.join(differences)})", PreprocessingWarning, stacklevel=3)
+    grid = tuple(int(v) for v in provenance.get("grid", backbone.grid))
+    if grid != tuple(backbone.grid):
+        raise ProtoquantError(f"{backbone.name} now gives a {backbone.grid[0]}x{backbone.grid[1]} grid but the cache "
+                              f"recorded {grid[0]}x{grid[1]}: use the timm version the cache was extracted with "
+                              f"({provenance.get('timm_version', '?')})")
+    return replace(backbone, data_config=recorded, transform=create_transform(**recorded, is_training=False))

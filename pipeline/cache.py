@@ -4,16 +4,27 @@
                             dim, versions), classes, source, settings, fingerprint, complete
       <split>/features      (N, H, W, D) float16, inner chunks of R whole images, grouped into shards
       <split>/views         (N, V, H, W, D) float16, augmented views (train only, when asked)
-      <split>/labels        (N,) int32          written once by the coordinator before extraction
+      <split>/labels        (N,) int32          written once by the coordinator before extraction (-1: lost)
       <split>/ids           (N,) str            image path relative to DATA, or WebDataset key
-      <split>/ok            (N,) uint8          1 = extracted, 0 = skipped bad file (features stay NaN)
+      <split>/ok            (N,) uint8          1 = extracted, 0 = skipped bad file (features stay NaN),
+                                                255 = not written yet (a lost chunk in a done shard)
       <split>/image_size    (N, 2) int32        original (width, height): maps annotations onto the grid
       <split>/boxes, part_locs, part_boxes      CUB annotations, when the dataset has them
+      <split>/checksum      (P,) str            per shard: blake2b of its rows' features, views, ok,
+                                                sizes, labels and ids, as written
+      <split>/nbytes        (P,) int64          per shard: bytes of its features (+ views) shard files
       <split>/done          (P,) uint8          one completion mark per shard, written LAST
 
 A shard (zarr's sharding codec: one storage object holding several inner chunks) is the unit of work
-and of resume: exactly one writer fills it, whole, then sets its mark. Zarr has no locks, so every
-per-row array is chunked by the shard's rows too: no two writers ever touch the same object.
+and of resume: exactly one writer fills it, whole, fsyncs it, records its checksum and size, then sets
+its mark. Zarr has no locks, so every per-row array is chunked by the shard's rows too: no two writers
+ever touch the same object. The fingerprint of a complete cache covers its settings, ids, labels and
+every shard's checksum: a cache of other pixels is another cache.
+
+Integrity is checked at three costs: `require_complete` (every reader) stats each done shard's files
+against the recorded sizes; every block read checks that rows marked extracted hold finite features
+and that labels and marks are not fill values; `verify` re-hashes every shard (`info --verify`).
+Caches written before checksums existed (same format version) read as before and verify as unknown.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,11 +41,15 @@ import numpy as np
 import zarr
 
 from pipeline.errors import ProtoquantError
+from pipeline.paths import refuse_url
 
 FORMAT = "protoquant-feature-cache"
 FORMAT_VERSION = 1
 TARGET_CHUNK_BYTES = 16 << 20
 CHUNKS_PER_SHARD = 8
+NOT_WRITTEN = 255           # fill value of `ok`: a done shard never holds it
+LOST_LABEL = -1             # fill value of `labels`: a label that reads -1 was lost
+_WRITE_EVERY_CHUNK = {"write_empty_chunks": True}  # an all-NaN shard (every file skipped) is a file too
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,9 @@ class Layout:
         start = shard * self.rows_per_shard
         return range(start, min(start + self.rows_per_shard, self.n))
 
+    def shard_of(self, row: int) -> int:
+        return row // self.rows_per_shard
+
 
 def plan_layout(n: int, bytes_per_image: int, rows_per_shard: int | None = None) -> Layout:
     """Inner chunks of R whole images (the largest power of two with R * image <= 16 MiB, 1..256),
@@ -66,19 +85,46 @@ def plan_layout(n: int, bytes_per_image: int, rows_per_shard: int | None = None)
     return Layout(n, math.gcd(rows, rows_per_shard), rows_per_shard)
 
 
+def plan_shards(done: dict[str, np.ndarray], rank: int = 0, world: int = 1) -> dict[str, list[int]]:
+    """Which shards this rank extracts: the unmarked shards of every split, in split order, dealt out
+    round-robin over ranks (so ranks get equal counts across splits). Pure: the same marks, rank and
+    world always give the same plan, and the ranks' plans are disjoint and cover every unmarked shard."""
+    if not 0 <= rank < world:
+        raise ProtoquantError(f"internal: rank {rank} is outside a world of {world}")
+    todo = [(name, int(shard)) for name, marks in done.items() for shard in np.flatnonzero(~np.asarray(marks, dtype=bool))]
+    plan: dict[str, list[int]] = {name: [] for name in done}
+    for name, shard in todo[rank::world]:
+        plan[name].append(shard)
+    return plan
+
+
 def settings_hash(settings: dict) -> str:
     """A short stable hash of everything that decides a cache's content."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fingerprint(settings: dict, splits: dict[str, tuple[list[str], np.ndarray]]) -> str:
+def _fingerprint(settings: dict, splits: dict[str, tuple[list[str], np.ndarray]],
+                 checksums: dict[str, list[str]] | None = None) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in sorted(splits):
         ids, labels = splits[name]
         digest.update(name.encode())
         digest.update("\n".join(ids).encode())
         digest.update(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+        if checksums is not None:
+            digest.update("\n".join(checksums[name]).encode())
     return digest.hexdigest()[:16]
+
+
+def shard_checksum(values: dict[str, np.ndarray], labels: np.ndarray, ids: np.ndarray) -> str:
+    """blake2b over a shard's rows: each per-row array (by name, in name order), then labels and ids."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(values):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(values[name]).tobytes())
+    digest.update(np.ascontiguousarray(labels, dtype=np.int32).tobytes())
+    digest.update("\n".join(str(i) for i in ids).encode())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -106,7 +152,8 @@ def create_cache(
     """Create the store with every array, its labels/ids/annotations, and empty completion marks.
 
     `settings` decides content (its hash is checked on resume); `attrs` is provenance for people.
-    Features are NaN until written, so an unwritten row can never pass for data.
+    Features are NaN until written, so an unwritten row can never pass for data. The caller has
+    checked (pipeline/paths.py) that `path` is free or a cache of ours: mode "w" clears it.
     """
     h, w = grid
     bytes_per_image = h * w * dim * 2
@@ -118,70 +165,143 @@ def create_cache(
         "dtype": "float16", "splits": list(splits), "complete": False,
     })
     for name, plan in splits.items():
-        n = len(plan.ids)
-        layout = plan_layout(n, bytes_per_image, rows_per_shard)
-        group = root.create_group(name, attributes={
-            "n": n, "rows_per_chunk": layout.rows_per_chunk, "rows_per_shard": layout.rows_per_shard,
-            "n_shards": layout.n_shards, "views": plan.views,
-        })
-        shard_shape = (layout.rows_per_shard, h, w, dim)
+        _create_split(root, name, plan, (h, w), dim, plan_layout(len(plan.ids), bytes_per_image, rows_per_shard))
+    return Cache(path, writable=True)
+
+
+def _create_split(root: zarr.Group, name: str, plan: SplitPlan, grid: tuple[int, int], dim: int, layout: Layout) -> None:
+    h, w = grid
+    n = len(plan.ids)
+    group = root.create_group(name, attributes={
+        "n": n, "rows_per_chunk": layout.rows_per_chunk, "rows_per_shard": layout.rows_per_shard,
+        "n_shards": layout.n_shards, "views": plan.views,
+    })
+    group.create_array(
+        "features", shape=(n, h, w, dim), dtype="float16", chunks=(layout.rows_per_chunk, h, w, dim),
+        shards=(layout.rows_per_shard, h, w, dim), compressors=None, fill_value=np.nan,
+        dimension_names=("image", "y", "x", "channel"),
+    )
+    if plan.views:
+        view_rows = plan_layout(n, h * w * dim * 2 * plan.views, layout.rows_per_shard).rows_per_chunk
         group.create_array(
-            "features", shape=(n, h, w, dim), dtype="float16", chunks=(layout.rows_per_chunk, h, w, dim),
-            shards=shard_shape, compressors=None, fill_value=np.nan, dimension_names=("image", "y", "x", "channel"),
+            "views", shape=(n, plan.views, h, w, dim), dtype="float16",
+            chunks=(view_rows, plan.views, h, w, dim),
+            shards=(layout.rows_per_shard, plan.views, h, w, dim), compressors=None, fill_value=np.nan,
+            dimension_names=("image", "view", "y", "x", "channel"),
         )
-        if plan.views:
-            view_rows = plan_layout(n, bytes_per_image * plan.views, layout.rows_per_shard).rows_per_chunk
-            group.create_array(
-                "views", shape=(n, plan.views, h, w, dim), dtype="float16",
-                chunks=(view_rows, plan.views, h, w, dim),
-                shards=(layout.rows_per_shard, plan.views, h, w, dim), compressors=None, fill_value=np.nan,
-                dimension_names=("image", "view", "y", "x", "channel"),
-            )
-        per_row = (layout.rows_per_shard,)
-        group.create_array("labels", data=np.asarray(plan.labels, dtype=np.int32), chunks=per_row)
-        ids = group.create_array("ids", shape=(n,), dtype=str, chunks=per_row)  # variable-length strings
-        ids[:] = np.asarray(plan.ids, dtype=object)
-        group.create_array("ok", shape=(n,), dtype="uint8", chunks=per_row, fill_value=0)
-        group.create_array("image_size", shape=(n, 2), dtype="int32", chunks=(layout.rows_per_shard, 2), fill_value=0)
-        for key in ("boxes", "part_locs", "part_boxes"):
-            value = getattr(plan, key)
-            if value is not None:
-                group.create_array(key, data=np.asarray(value, dtype=np.float32), chunks=(layout.rows_per_shard, *value.shape[1:]))
-        group.create_array("done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
-    return Cache(path)
+    per_row = (layout.rows_per_shard,)
+    group.create_array("labels", data=np.asarray(plan.labels, dtype=np.int32), chunks=per_row, fill_value=LOST_LABEL)
+    ids = group.create_array("ids", shape=(n,), dtype=str, chunks=per_row)  # variable-length strings
+    ids[:] = np.asarray(plan.ids, dtype=object)
+    group.create_array("ok", shape=(n,), dtype="uint8", chunks=per_row, fill_value=NOT_WRITTEN)
+    group.create_array("image_size", shape=(n, 2), dtype="int32", chunks=(layout.rows_per_shard, 2), fill_value=0)
+    for key in ("boxes", "part_locs", "part_boxes"):
+        value = getattr(plan, key)
+        if value is not None:
+            group.create_array(key, data=np.asarray(value, dtype=np.float32), chunks=(layout.rows_per_shard, *value.shape[1:]))
+    group.create_array("checksum", shape=(layout.n_shards,), dtype=str, chunks=(1,))
+    group.create_array("nbytes", shape=(layout.n_shards,), dtype="int64", chunks=(1,), fill_value=-1)
+    group.create_array("done", shape=(layout.n_shards,), dtype="uint8", chunks=(1,), fill_value=0)
+
+
+def is_protoquant_cache(path: Path) -> bool:
+    """A folder whose root zarr.json carries this protoquant's cache format marker and version."""
+    attrs = _root_attributes(Path(path))
+    return bool(attrs) and attrs.get("format") == FORMAT and attrs.get("format_version") == FORMAT_VERSION
+
+
+def describe_foreign_cache(path: Path) -> str | None:
+    """Name a protoquant cache of another format version (for paths.check_output); None otherwise."""
+    attrs = _root_attributes(Path(path))
+    if attrs and attrs.get("format") == FORMAT and attrs.get("format_version") != FORMAT_VERSION:
+        return (f"an older-format protoquant feature cache (format version {attrs.get('format_version')}; this "
+                f"protoquant writes version {FORMAT_VERSION}), which it does not replace: re-extract into a new "
+                "path, or delete it yourself")
+    return None
+
+
+def _root_attributes(path: Path) -> dict | None:
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("node_type") != "group" or not isinstance(meta.get("attributes"), dict):
+        return None
+    return meta["attributes"]
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A done shard whose stored bytes do not match its mark."""
+
+    split: str
+    shard: int
+    rows: range
+    file: Path
+    problem: str   # missing, truncated, unreadable (...), altered
+
+    def __str__(self) -> str:
+        return f"{self.split} shard {self.shard} (rows {self.rows.start}..{self.rows.stop - 1}, {self.file}): {self.problem}"
 
 
 class CacheSplit:
-    """One split of a cache: lazy zarr arrays plus small per-row arrays read eagerly."""
+    """One split of a cache: lazy zarr arrays plus small per-row arrays read eagerly and checked."""
 
-    def __init__(self, group: zarr.Group, name: str):
+    def __init__(self, group: zarr.Group, name: str, *, directory: Path | None = None, n_classes: int | None = None):
         self.group = group
         self.name = name
+        self.directory = directory            # the split's folder on disk (None: not known)
+        self.n_classes = n_classes
         self.attrs = dict(group.attrs)
         self.n = int(self.attrs["n"])
         self.layout = Layout(self.n, int(self.attrs["rows_per_chunk"]), int(self.attrs["rows_per_shard"]))
         self.features = group["features"]
         self.views = group["views"] if "views" in group else None
+        self._ok: np.ndarray | None = None
+
+    # --- small per-row arrays: a lost chunk reads as its fill value, which is refused by name ---
 
     @property
     def labels(self) -> np.ndarray:
-        return self.group["labels"][:]
+        labels = self._read(self.group["labels"], "labels")
+        bad = (labels < 0) | (labels >= (self.n_classes or np.iinfo(np.int32).max))
+        if bad.any():
+            raise self._damaged("labels", np.flatnonzero(bad), "hold no valid label (a lost labels chunk?)")
+        return labels
 
     @property
     def ids(self) -> np.ndarray:
-        return self.group["ids"][:]
+        ids = self._read(self.group["ids"], "ids")
+        lost = ids == ""
+        if lost.any():
+            raise self._damaged("ids", np.flatnonzero(lost), "have no id (a lost ids chunk?)")
+        return ids
 
     @property
     def ok(self) -> np.ndarray:
-        """True for rows that hold features (False for skipped bad files)."""
-        return self.group["ok"][:].astype(bool)
+        """True for rows that hold features (False for skipped bad files and unextracted rows)."""
+        if self._ok is None:
+            raw = self._read(self.group["ok"], "ok")
+            lost = (raw == NOT_WRITTEN) & self.done_rows()
+            if lost.any():
+                raise self._damaged("ok", np.flatnonzero(lost), "belong to done shards but have no mark (a lost ok chunk?)")
+            self._ok = raw == 1
+        return self._ok
 
     @property
     def image_size(self) -> np.ndarray:
-        return self.group["image_size"][:]
+        return self._read(self.group["image_size"], "image_size")
 
     def done(self) -> np.ndarray:
         return self.group["done"][:].astype(bool)
+
+    def done_rows(self) -> np.ndarray:
+        """(N,) bool: rows that belong to a shard marked done."""
+        rows = np.zeros(self.n, dtype=bool)
+        for shard in np.flatnonzero(self.done()):
+            r = self.layout.shard_rows(int(shard))
+            rows[r.start:r.stop] = True
+        return rows
 
     def is_complete(self) -> bool:
         return bool(self.done().all())
@@ -191,12 +311,31 @@ class CacheSplit:
         keys = [k for k in ("boxes", "part_locs", "part_boxes") if k in self.group]
         return {k: self.group[k][:] for k in keys} or None
 
+    # --- feature reads: errors name the shard file; rows marked extracted must be finite ---
+
+    def read_features(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as float16 (n, H, W, D), checked."""
+        return self._read_block(self.features, "features", start, stop)
+
+    def read_views(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the augmented views as float16 (n, V, H, W, D), checked."""
+        return self._read_block(self.views, "views", start, stop)
+
+    def _read_block(self, array: zarr.Array, what: str, start: int, stop: int) -> np.ndarray:
+        block = self._read(array, what, slice(start, stop))
+        marked = self.ok[start:stop]
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+        broken = np.flatnonzero(marked & ~finite)
+        if len(broken):
+            raise self._damaged(what, start + broken, "are marked extracted but read as NaN (a lost or damaged shard?)")
+        return block
+
     def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (start, features float16 (R, H, W, D)) in chunk-aligned blocks: bounded memory."""
         step = rows_per_block or self.layout.rows_per_chunk
         step = max(self.layout.rows_per_chunk, step - step % self.layout.rows_per_chunk)
         for start in range(0, self.n, step):
-            yield start, self.features[start:start + step]
+            yield start, self.read_features(start, min(start + step, self.n))
 
     def load(self) -> np.ndarray:
         """The whole split in RAM (float16), filled block by block into one pre-allocated array."""
@@ -209,21 +348,158 @@ class CacheSplit:
     def nbytes(self) -> int:
         return int(np.prod(self.features.shape)) * 2
 
+    def _read(self, array: zarr.Array, what: str, where: slice = slice(None)) -> np.ndarray:
+        try:
+            return array[where]
+        except Exception as err:  # zarr/numcodecs raise ValueError, OSError, ... on a damaged object
+            rows = range(*where.indices(self.n))
+            shards = sorted({self.layout.shard_of(r) for r in (rows.start, max(rows.start, rows.stop - 1))})
+            files = ", ".join(str(self.shard_file(what, s)) for s in shards)
+            raise ProtoquantError(f"cannot read {what} of the {self.name} split ({files}): {_reason(err)}; the cache "
+                                  f"is damaged: run `protoquant info {self._cache_path()} --verify` and re-extract "
+                                  "the damaged shards (run the same extract command again)") from None
+
+    def _damaged(self, what: str, rows: np.ndarray, problem: str) -> ProtoquantError:
+        shards = sorted({self.layout.shard_of(int(r)) for r in rows})
+        listed = ", ".join(str(int(r)) for r in rows[:5]) + (" ..." if len(rows) > 5 else "")
+        files = ", ".join(str(self.shard_file(what, s)) for s in shards[:3]) + (" ..." if len(shards) > 3 else "")
+        return ProtoquantError(f"the cache is damaged: {len(rows)} rows of the {self.name} split (rows {listed}) {problem}; "
+                               f"see {files}; run `protoquant info {self._cache_path()} --verify`, then run the same "
+                               "extract command again (it redoes damaged shards) or re-extract with --overwrite")
+
+    def _cache_path(self) -> str:
+        return str(self.directory.parent) if self.directory else "CACHE"
+
+    # --- shard files, and their agreement with the marks ---
+
+    def shard_file(self, array: str, shard: int) -> Path:
+        """The storage object of `array` that holds shard `shard` (every array is cut by shard rows)."""
+        ndim = self.group[array].ndim if array in self.group else 1
+        key = Path("c", str(shard), *["0"] * (ndim - 1))
+        return (self.directory or Path(self.name)) / array / key
+
+    def _shard_arrays(self) -> list[str]:
+        return ["features"] + (["views"] if self.views is not None else [])
+
+    def shard_nbytes(self, shard: int) -> int:
+        """Bytes on disk of the shard's features (+ views) files; -1 when one is missing."""
+        sizes = [self.shard_file(a, shard).stat().st_size if self.shard_file(a, shard).is_file() else -1
+                 for a in self._shard_arrays()]
+        return -1 if min(sizes) < 0 else sum(sizes)
+
+    def recorded(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(checksums, nbytes) per shard, or None for a cache written before they were recorded."""
+        if "checksum" not in self.group:
+            return None
+        return self.group["checksum"][:], self.group["nbytes"][:]
+
+    def shard_problems(self, *, verify: bool = False) -> list[ShardProblem]:
+        """Done shards whose files are missing or of another size than recorded; with `verify`, also
+        those whose re-hashed content differs from the recorded checksum."""
+        if self.directory is None:
+            return []
+        recorded = self.recorded()
+        problems = []
+        for shard in np.flatnonzero(self.done()):
+            shard = int(shard)
+            problem = self._shard_problem(shard, recorded, verify)
+            if problem:
+                problems.append(ShardProblem(self.name, shard, self.layout.shard_rows(shard),
+                                             self.shard_file("features", shard), problem))
+        return problems
+
+    def _shard_problem(self, shard: int, recorded, verify: bool) -> str | None:
+        missing = [a for a in self._shard_arrays() if not self.shard_file(a, shard).is_file()]
+        if missing:
+            return f"{' and '.join(missing)} file missing"
+        if recorded is None:
+            return None  # no sizes or checksums recorded (an older protoquant): nothing more to compare
+        checksums, nbytes = recorded
+        if nbytes[shard] >= 0 and self.shard_nbytes(shard) != nbytes[shard]:
+            return f"truncated or resized ({self.shard_nbytes(shard)} bytes, {int(nbytes[shard])} written)"
+        if not verify:
+            return None
+        try:
+            actual = self.checksum_on_disk(shard)
+        except Exception as err:
+            return f"unreadable ({_reason(err)})"
+        return None if actual == checksums[shard] else "altered (checksum differs from the one written)"
+
+    def checksum_on_disk(self, shard: int) -> str:
+        """Re-hash what the store holds for the shard, the way the writer hashed what it wrote."""
+        rows = self.layout.shard_rows(shard)
+        at = slice(rows.start, rows.stop)
+        values = {name: self.group[name][at] for name in ("features", "ok", "image_size")}
+        if self.views is not None:
+            values["views"] = self.views[at]
+        return shard_checksum(values, self.group["labels"][at], self.group["ids"][at])
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def write_shard(group: zarr.Group, directory: Path | None, shard: int, rows: range, buffers: dict[str, np.ndarray]) -> None:
+    """Write one whole shard, make its bytes durable, record its checksum and size, then set its mark.
+
+    The mark comes last and only after fsync, so a crash leaves a shard either unmarked (redone on
+    resume) or complete on disk. On a local file system fsync makes the bytes durable; on a network
+    file system it is as strong as that file system's close-to-open guarantee.
+    """
+    at = slice(rows.start, rows.stop)
+    for name, values in buffers.items():
+        group[name].with_config(_WRITE_EVERY_CHUNK)[at] = values
+    checksum = shard_checksum(buffers, group["labels"][at], group["ids"][at])
+    split = CacheSplit(group, group.basename, directory=directory)
+    if directory is not None:
+        for name in buffers:
+            _fsync(split.shard_file(name, shard))
+    group["checksum"][shard] = checksum
+    group["nbytes"][shard] = split.shard_nbytes(shard) if directory is not None else -1
+    if directory is not None:
+        _fsync(split.shard_file("checksum", shard))
+        _fsync(split.shard_file("nbytes", shard))
+    group["done"][shard] = 1
+    if directory is not None:
+        _fsync(split.shard_file("done", shard))
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file and its folder entry to disk (a missing file is left to the checks that follow)."""
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+        try:
+            fd = os.open(target, flags)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some file systems refuse fsync on folders
+        finally:
+            os.close(fd)
+
 
 class Cache:
-    """A protoquant feature cache opened for reading."""
+    """A protoquant feature cache, opened read-only unless `writable` (extraction only)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, writable: bool = False):
+        refuse_url(path, "the cache")
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
+            if (self.path / "config.json").is_file():
+                raise ProtoquantError(f"{self.path} is a run directory, not a feature cache: pass the cache the run "
+                                      "was trained on (its path is in the run's config.json)")
             raise ProtoquantError(f"{self.path} is not a feature cache (no zarr.json); make one with `protoquant extract DATA --out {self.path}`")
-        self.root = zarr.open_group(str(self.path), mode="r+")
-        self.attrs = dict(self.root.attrs)
-        if self.attrs.get("format") != FORMAT:
+        attrs = _root_attributes(self.path)
+        if attrs is None or attrs.get("format") != FORMAT:
             raise ProtoquantError(f"{self.path} is a Zarr store but not a protoquant feature cache")
-        if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise ProtoquantError(f"{self.path} has cache format version {self.attrs.get('format_version')}, "
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise ProtoquantError(f"{self.path} has cache format version {attrs.get('format_version')}, "
                                   f"this protoquant reads version {FORMAT_VERSION}: re-extract it")
+        self.writable = writable
+        self.root = zarr.open_group(str(self.path), mode="r+" if writable else "r")
+        self.attrs = dict(self.root.attrs)
 
     @property
     def fingerprint(self) -> str:
@@ -252,23 +528,48 @@ class Cache:
     def split(self, name: str) -> CacheSplit:
         if name not in self.splits:
             raise ProtoquantError(f"{self.path} has no split {name!r}; it has {', '.join(self.splits)}")
-        return CacheSplit(self.root[name], name)
+        return CacheSplit(self.root[name], name, directory=self.path / name, n_classes=len(self.attrs.get("classes", [])) or None)
 
     def is_complete(self) -> bool:
         return all(self.split(s).is_complete() for s in self.splits)
 
     def require_complete(self) -> None:
-        """Refuse to read a cache whose extraction has not finished."""
+        """Refuse to read a cache whose extraction has not finished, or whose shard files no longer
+        match their marks (missing or truncated): the cheap check every reader runs."""
         missing = {s: int((~self.split(s).done()).sum()) for s in self.splits}
         missing = {s: m for s, m in missing.items() if m}
         if missing:
             parts = ", ".join(f"{s}: {m} shards" for s, m in missing.items())
             raise ProtoquantError(f"{self.path} is incomplete ({parts} not extracted); run the same "
                                   "`protoquant extract` command again to resume")
+        problems = self.shard_problems()
+        if problems:
+            raise ProtoquantError(f"{self.path} is damaged: {_listed(problems)}; run the same extract command again "
+                                  f"to redo those shards, or see `protoquant info {self.path} --verify`")
+
+    def shard_problems(self, *, verify: bool = False) -> list[ShardProblem]:
+        return [p for s in self.splits for p in self.split(s).shard_problems(verify=verify)]
 
     def update_attrs(self, values: dict) -> None:
+        if not self.writable:
+            raise ProtoquantError(f"internal: {self.path} was opened read-only")
         self.root.attrs.update(values)
         self.attrs.update(values)
+
+    def content_fingerprint(self) -> str:
+        """The fingerprint of a complete cache: settings, ids, labels and every shard's checksum."""
+        splits, checksums = {}, {}
+        for name in self.splits:
+            split = self.split(name)
+            splits[name] = (split.ids.tolist(), split.labels)
+            recorded = split.recorded()
+            checksums[name] = [str(c) for c in recorded[0]] if recorded else []
+        return _fingerprint(self.attrs["settings"], splits, checksums)
+
+
+def _listed(problems: list[ShardProblem], limit: int = 3) -> str:
+    shown = "; ".join(str(p) for p in problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
 
 
 def check_cache_fingerprint(recorded: str, cache: Cache, what: str) -> None:

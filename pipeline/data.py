@@ -117,10 +117,10 @@ def _chunk_reads(split: CacheSplit, rows: np.ndarray) -> Iterator[tuple[int, int
 def _read_rows(split: CacheSplit, start: int, stop: int, selected: np.ndarray, with_views: bool) -> np.ndarray:
     """Rows `selected` (within [start, stop)) as float16 (n, H, W, D), or (n, 1 + V, H, W, D) with views."""
     at = selected - start
-    features = split.features[start:stop][at]  # (n, H, W, D)
+    features = split.read_features(start, stop)[at]  # (n, H, W, D); a damaged or lost shard is one named error
     if not with_views:
         return features
-    views = split.views[start:stop][at]  # (n, V, H, W, D)
+    views = split.read_views(start, stop)[at]  # (n, V, H, W, D)
     return np.concatenate([features[:, None], views], axis=1)  # (n, 1 + V, H, W, D)
 
 

@@ -99,7 +99,7 @@ def detect_kind(spec: str) -> str:
         return "imagefolder"
     raise ProtoquantError(
         f"cannot tell the layout of {spec}: expected images.txt (CUB-200-2011), train/<class>/ image "
-        "folders (ImageFolder), or train-*.tar / test-*.tar shards (WebDataset). Fix the path or pass --kind."
+        "folders (ImageFolder), or train-*.tar / test-*.tar shards (WebDataset): check the DATA path."
     )
 
 
@@ -184,7 +184,7 @@ def _imagefolder_split(root: Path, split_dir: Path, class_index: dict[str, int])
                 f"class {name!r} in {split_dir} is not a class of train/: every test class needs a train/{name}/ "
                 "directory (rename or remove it)."
             )
-        files = _image_files(split_dir / name)
+        files = _image_files(split_dir / name, root)
         if not files:
             raise ProtoquantError(
                 f"{split_dir / name} holds no images (extensions: {', '.join(IMAGE_EXTENSIONS)}): add images or "
@@ -195,15 +195,58 @@ def _imagefolder_split(root: Path, split_dir: Path, class_index: dict[str, int])
     return records
 
 
-def _image_files(directory: Path) -> list[Path]:
-    """Image files under `directory` (recursively, sorted), skipping hidden files and directories."""
-    found = []
-    for current, dirs, files in os.walk(directory, followlinks=True):
-        dirs[:] = [d for d in dirs if not _is_hidden(d)]
-        for name in files:
-            if not _is_hidden(name) and os.path.splitext(name)[1][1:].lower() in IMAGE_EXTENSIONS:
-                found.append(Path(current) / name)
+def _image_files(directory: Path, root: Path) -> list[Path]:
+    """Image files under a class `directory` (recursively, sorted), skipping hidden files and directories.
+
+    Directory links are followed once each: a link back to a folder already listed (`loop -> .`) is
+    skipped, so no image is listed twice; a link that leaves the class for an ancestor or for another
+    folder of DATA (`up -> ../../train`) is refused, since it would give other classes' images this
+    label. Links to files, and to folders outside DATA, are followed.
+    """
+    class_real = os.path.realpath(directory)
+    visited = {class_real}
+    found, pending = [], [str(directory)]
+    while pending:
+        current = pending.pop()
+        entries = sorted((e for e in os.scandir(current) if not _is_hidden(e.name)), key=lambda e: e.name)
+        folders = []
+        for entry in entries:
+            if _is_folder(entry):
+                real = os.path.realpath(entry.path)
+                if real in visited:
+                    continue
+                if entry.is_symlink():
+                    _check_folder_link(Path(entry.path), real, class_real, os.path.realpath(root))
+                visited.add(real)
+                folders.append(entry.path)
+            elif os.path.isfile(entry.path) and os.path.splitext(entry.name)[1][1:].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(entry.path))
+        pending.extend(reversed(folders))
     return sorted(found)
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, or a link to one; a dangling or circular link (a -> b -> a) is neither folder nor file."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _check_folder_link(link: Path, real: str, class_real: str, root_real: str) -> None:
+    """Refuse a folder link that escapes its class: to an ancestor of it, or elsewhere inside DATA."""
+    inside_class = _is_within(real, class_real)
+    if inside_class:
+        return
+    if _is_within(class_real, real) or _is_within(real, root_real):
+        raise ProtoquantError(
+            f"{link} is a link to {real}, outside its class folder {class_real}: its images would be listed "
+            "under this class (or forever); remove the link, or copy the images into the class folder."
+        )
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 # ---- CUB-200-2011 ---------------------------------------------------------------------------------
@@ -229,6 +272,7 @@ def read_cub(spec: str) -> Dataset:
     missing = []
     images_dir = str(root / "images")
     for image_id in sorted(paths):
+        _check_inside_images(paths[image_id], image_id, root)
         source = os.path.join(images_dir, paths[image_id])  # os.path: pathlib costs 0.3 s per 10k images
         if not os.path.isfile(source):
             missing.append(source)
@@ -256,6 +300,17 @@ def read_cub(spec: str) -> Dataset:
         )
     splits = {name: records for name, records in splits.items() if records}
     return Dataset(root=str(root), kind="cub", classes=classes, splits=splits, part_names=part_names)
+
+
+def _check_inside_images(relative: str, image_id: int, root: Path) -> None:
+    """images.txt paths are relative to DATA/images: an absolute path or a `..` that climbs out is refused,
+    so dataset metadata cannot point protoquant at any file on the machine."""
+    climbs = os.path.normpath(relative).split(os.sep)[0] == os.pardir
+    if os.path.isabs(relative) or climbs or os.path.splitdrive(relative)[0]:
+        raise ProtoquantError(
+            f"{root / 'images.txt'}: image {image_id} has path {relative!r}, which is not inside {root / 'images'}: "
+            "list paths relative to images/ (e.g. 001.Black_footed_Albatross/photo.jpg)."
+        )
 
 
 def _require(path: Path) -> None:

@@ -16,6 +16,11 @@ Coordinates are continuous: pixel (column i, row j) covers [i, i+1) x [j, j+1). 
 make-birds) are pixel indices, so a keypoint sits at the pixel's centre (i + 0.5, j + 0.5). The
 receptive box of grid cell (h, w) on an H x W grid is the cell's S_h/H x S_w/W square of the input
 (METHOD.md "Explanations": the patch is the receptive cell), mapped back to original pixels.
+
+THE box convention of protoquant (CUB's bounding_boxes.txt, part boxes, receptive boxes, predict's
+--json, explain's pages, the metrics): a box is (x, y, width, height) in the ORIGINAL image's pixels,
+continuous and half-open, covering [x, x + width) x [y, y + height). Cells are (h, w) = (row, column)
+of the grid. Network-input pixels never leave this module.
 """
 
 from __future__ import annotations

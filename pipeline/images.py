@@ -10,6 +10,7 @@ are given in the stored pixel grid.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -23,12 +24,17 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "gif", "tif", "t
 _WHITE = (255, 255, 255)
 
 
-def decode_rgb(data: bytes, name: str) -> Image.Image:
+DATASET_HINT = "Re-save or remove the file; `protoquant extract --skip-bad` skips such files and lists them."
+IMAGE_FILE_HINT = "Re-save it, or leave it out of the command."
+
+
+def decode_rgb(data: bytes, name: str, *, hint: str = DATASET_HINT) -> Image.Image:
     """Decode image bytes fully (``img.load()``) and return them as an 8-bit RGB image.
 
     Args:
         data: the encoded file (JPEG, PNG, ...).
         name: what to call the file in an error message (a path, or "shard.tar (sample KEY)").
+        hint: what the error message tells the user to do (the default is for dataset images).
 
     Raises:
         ProtoquantError: the bytes are not a readable image, or the file is truncated.
@@ -38,10 +44,23 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
         image.load()  # Image.open only reads the header: force the full decode so bad files fail here
         return to_rgb(image)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... by format
-        raise ProtoquantError(
-            f"cannot decode image {name} ({type(err).__name__}). Re-save or remove the file; "
-            "`protoquant extract --skip-bad` skips such files and lists them."
-        ) from err
+        raise ProtoquantError(f"cannot decode image {name} ({type(err).__name__}). {hint}") from err
+
+
+def check_image_path(path: str | Path) -> Path:
+    """An IMAGE argument of predict / explain: one line when it is missing or a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise ProtoquantError(f"image {path} is a directory: pass image files (e.g. {path}/*.jpg)")
+    if not path.is_file():
+        raise ProtoquantError(f"image {path} does not exist: pass paths of image files")
+    return path
+
+
+def read_image_file(path: str | Path) -> Image.Image:
+    """An IMAGE argument of predict / explain -> RGB; one line when it is missing, a directory or not an image."""
+    path = check_image_path(path)
+    return decode_rgb(path.read_bytes(), str(path), hint=IMAGE_FILE_HINT)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

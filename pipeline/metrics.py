@@ -8,9 +8,10 @@ answer is known by construction.
     deletion      FunnyBirds style: paint over the part under the top prototype, and over a random
                   background patch of the same size; the class score should drop more for the part
 
-The image-level metrics run images through the frozen backbone from pixels in [0, 1] (`ImageModel`):
-timm's eval transform without its Normalize step gives the pixels, normalisation happens in torch,
-so PGD can differentiate through it. Boxes are receptive boxes of grid cells (pipeline/geometry.py).
+The image-level metrics run images through the one inference path (pipeline/inference.py,
+`ImageModel`: the cache's recorded preprocessing, pixels in [0, 1], normalisation in torch so PGD can
+differentiate through it); the evidence they attack or check is pipeline/model.py's top_contributions.
+Boxes are receptive boxes of grid cells, (x, y, width, height) in original pixels (pipeline/geometry.py).
 """
 
 from __future__ import annotations
@@ -23,75 +24,31 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
 
-from pipeline.backbones import Backbone, extract_grid
 from pipeline.cache import Cache
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import PIXEL_CENTRE, Preprocessing, box_contains
 from pipeline.grounding import MAP_BUDGET, receptive_boxes, top_images
 from pipeline.images import crop_box
-from pipeline.model import ProtoQuantHead, codes_in_use, peak_locations
+from pipeline.inference import ImageModel, Outputs
+from pipeline.model import (
+    ProtoQuantHead,
+    class_contributions,
+    codes_in_use,
+    peak_cells,
+    top_contributions,
+)
 
 Box = tuple[float, float, float, float]
 
 
-# ---- the model from pixels ---------------------------------------------------------------------------
-
-@dataclass
-class Outputs:
-    """One forward pass: activation (B, K, H, W), presence (B, K), logits (B, C)."""
-
-    activation: torch.Tensor
-    presence: torch.Tensor
-    logits: torch.Tensor
-
-
-class ImageModel:
-    """The frozen backbone and a ProtoQuant head, taking pixels in [0, 1] of the network input size.
-
-    Backbone and head must be on the same device; pixels() returns tensors there.
-    """
-
-    def __init__(self, backbone: Backbone, head: ProtoQuantHead):
-        self.backbone, self.head = backbone, head.eval()
-        self.device = head.codes.device
-        config = backbone.data_config
-        self._to_pixels = create_transform(**config, is_training=False, normalize=False)  # resize + crop, uint8
-        self.mean = torch.tensor(config["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(config["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """An RGB image (already cropped to its box where the cache did so) -> (3, S, S) float in [0, 1]."""
-        return (self._to_pixels(image).float() / 255.0).to(self.device)  # as ToTensor does
-
-    def grid(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels -> (B, H, W, D) features (differentiable in the pixels)."""
-        return extract_grid(self.backbone, (pixels - self.mean) / self.std)
-
-    def activation(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, K, H, W) softmax activations."""
-        return self.head.activation(self.grid(pixels))
-
-    @torch.no_grad()
-    def outputs(self, pixels: torch.Tensor) -> Outputs:
-        """Activation, presence and logits of (B, 3, S, S) pixels, without gradients."""
-        activation = self.activation(pixels)
-        presence = activation.amax(dim=(2, 3))  # (B, K)
-        return Outputs(activation, presence, self.head.logits_from_presence(presence))
-
-    def contributions_to(self, out: Outputs, classes: torch.Tensor) -> torch.Tensor:
-        """relu(W[c, k]) * p[k] for one class per image; -> (B, K)."""
-        return self.head.effective_weight()[classes] * out.presence
-
+# ---- the model from pixels: pipeline/inference.py (ImageModel) -------------------------------------------
 
 def top_prototypes(model: ImageModel, out: Outputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per image: predicted class (B,), its top contributing code (B,), and that code's peak cell (B, 2)."""
     predicted = out.logits.argmax(dim=1)
-    code = model.contributions_to(out, predicted).argmax(dim=1)
-    rows = torch.arange(len(code), device=code.device)
-    cells = peak_locations(out.activation)[rows, code]  # (B, K, 2) -> (B, 2)
-    return predicted, code, cells
+    top = top_contributions(model.head, out.activation, out.presence, predicted, 1)
+    return predicted, top.codes[:, 0], top.cells[:, 0]
 
 
 def cell_masks(cells: torch.Tensor, input_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
@@ -234,8 +191,8 @@ def misalignment(model: ImageModel, pixels: torch.Tensor, labels: torch.Tensor,
         a_before = before.activation[rows, code, cells[:, 0], cells[:, 1]]
         a_after = after.activation[rows, code, cells[:, 0], cells[:, 1]]
         totals["pac"].append(100 * (a_before - a_after) / a_before.clamp_min(1e-12))
-        rank_before = _rank(model.contributions_to(before, predicted), code)
-        rank_after = _rank(model.contributions_to(after, predicted), code)
+        rank_before = _rank(class_contributions(model.head, before.presence, predicted), code)
+        rank_after = _rank(class_contributions(model.head, after.presence, predicted), code)
         totals["prc"].append((rank_after - rank_before).abs().float())
         totals["plc"].append(100 * (1 - top_fraction_iou(before.activation[rows, code], after.activation[rows, code])))
         totals["clean"].append((before.logits.argmax(1) == y).float())
@@ -262,15 +219,14 @@ def stability(model: ImageModel, pixels: torch.Tensor, *, sigma: float, codes_pe
     for start in range(0, len(pixels), batch_size):
         x = pixels[start:start + batch_size]
         clean = model.outputs(x)
-        contributions = model.contributions_to(clean, clean.logits.argmax(dim=1))  # (B, K)
-        values, codes = contributions.topk(min(codes_per_image, contributions.shape[1]), dim=1)  # (B, n)
+        top = top_contributions(model.head, clean.activation, clean.presence, clean.logits.argmax(dim=1),
+                                codes_per_image)
         noise = torch.randn(x.shape, generator=generator).to(x.device)  # CPU generator: the same noise anywhere
         noisy_pixels = (x + sigma * noise).clamp(0.0, 1.0)
         noisy = model.outputs(noisy_pixels)
-        cells_clean = peak_locations(clean.activation).gather(1, codes[..., None].expand(-1, -1, 2))  # (B, n, 2)
-        cells_noisy = peak_locations(noisy.activation).gather(1, codes[..., None].expand(-1, -1, 2))
-        near = (cells_clean - cells_noisy).abs().amax(dim=-1) <= 1  # (B, n)
-        shown = values > 0
+        cells_noisy = peak_cells(noisy.activation, top.codes)  # (B, n, 2)
+        near = (top.cells - cells_noisy).abs().amax(dim=-1) <= 1  # (B, n)
+        shown = top.shown
         stable += int((near & shown).sum())
         counted += int(shown.sum())
     return {"stability": stable / counted if counted else None, "sigma": sigma,

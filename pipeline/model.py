@@ -3,7 +3,7 @@
 Features arrive as (B, H, W, D) grids, channels last, usually float16 from the cache; every function
 here casts them to float32 before computing.
 
-    ProbeHead, train_probe        the frozen reference classifier (METHOD.md stage A, "Start")
+    ProbeHead                     the frozen reference classifier (trained as the probe phase) (METHOD.md stage A, "Start")
     quantize, stage_a_loss        codebook learning through the frozen probe (METHOD.md stage A)
     ProtoQuantHead                the interpretable head (METHOD.md stage B)
     top_contributions, peak_locations, local_explanation_size    explanations (METHOD.md "Explanations")
@@ -17,7 +17,6 @@ are re-exported here for callers that think of them as model helpers.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +30,9 @@ from pipeline.errors import ProtoquantError
 from pipeline.io import read_artifact, write_artifact
 
 __all__ = [
-    "ProbeHead", "train_probe", "assign_codes", "code_usage", "quantize", "stage_a_loss",
-    "ProtoQuantHead", "peak_locations", "peak_cells", "class_contributions", "TopContributions", "top_contributions", "prune_top_k_per_class", "keep_top_k_per_class", "codes_in_use",
+    "ProbeHead", "assign_codes", "code_usage", "quantize", "stage_a_loss",
+    "ProtoQuantHead", "class_contributions", "TopContributions", "top_contributions", "peak_locations", "peak_cells",
+    "prune_top_k_per_class", "keep_top_k_per_class", "codes_in_use",
     "local_explanation_size", "mixup", "save_head", "load_head", "save_probe", "load_probe",
 ]
 
@@ -42,7 +42,7 @@ __all__ = [
 class ProbeHead(nn.Module):
     """Global average pool over (H, W) + Linear(D, C) with bias: the classifier stage A goes through.
 
-    Starts at zero (weight and bias) without touching the global random state; train_probe fits it.
+    Starts at zero (weight and bias) without touching the global random state; the probe phase fits it.
     """
 
     def __init__(self, dim: int, num_classes: int) -> None:
@@ -58,44 +58,6 @@ class ProbeHead(nn.Module):
     def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, D) already pooled features -> (B, C) logits."""
         return self.linear(pooled.float())
-
-
-def train_probe(
-    features_pooled: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_classes: int,
-    epochs: int = 50,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> ProbeHead:
-    """Fit the linear probe on pooled features with minibatch AdamW and a cosine schedule.
-
-    Args:
-        features_pooled: (N, D) per-image mean of the grid (the caller pools chunk by chunk).
-        labels: (N,) class indices in [0, num_classes).
-        seed: seeds the shuffling; the probe starts from zeros (a convex problem needs no random init).
-
-    Returns the probe in eval mode with requires_grad False everywhere: frozen, ready for stage A.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    probe = ProbeHead(features_pooled.shape[1], num_classes).to(device)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(labels) / batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)  # (N,)
-        for batch in order.split(batch_size):
-            logits = probe.forward_pooled(features_pooled[batch].to(device))  # (b, C)
-            loss = F.cross_entropy(logits, labels[batch].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    return probe.eval().requires_grad_(False)
 
 
 # --- stage A: codebook learning through the frozen probe ------------------------------------------
@@ -130,7 +92,7 @@ def stage_a_loss(
 
     The dictionary term is a mean over every element of the (B, H, W, D) grid. No commitment term
     and no straight-through estimator: only `codes` gets gradients, provided the probe is frozen
-    (train_probe and load_probe return it so).
+    (load_probe returns it so).
 
     Returns (loss, parts) with parts = {"ce", "dict", "accuracy"} as detached scalars.
     """

@@ -1,115 +1,72 @@
-"""Static pages and the pictures in them: thumbnails, heatmaps, HTML. No server, no network assets.
+"""Static pages and the pictures in them: thumbnails, heatmaps, HTML pages, the folders that hold them.
 
-Pages are plain HTML with one shared stylesheet (style.css beside them) and no JavaScript; pictures
-are JPEG/PNG files next to the pages, referenced by relative paths, loaded lazily. Every file is
-written atomically (a temporary file, then os.replace), so a page is never half written.
+Pages are rendered from the Jinja2 templates in pipeline/templates/ with autoescaping on, so every
+class name, file name and run name reaches the page as text, never as markup. They share one
+stylesheet (style.css beside them) and have no JavaScript; pictures are JPEG/PNG files next to the
+pages, referenced by relative paths, loaded lazily.
+
+A pages folder (gallery, explain, an edit report) is built in a temporary folder inside --out and its
+files are moved into place at the end, so a failure leaves nothing half written. The folder then
+holds a marker (.protoquant-pages.json) listing the files protoquant wrote: a later run may replace
+exactly those files, and an existing non-empty --out without the marker is refused.
 """
 
 from __future__ import annotations
 
-import html
 import io
 import math
 import os
-from pathlib import Path
-from typing import Callable, Iterable
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator
 
+import jinja2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.errors import ProtoquantError
+from pipeline.io import read_json, write_bytes_atomic, write_json, write_text_atomic
+from pipeline.paths import check_output
 
 Box = tuple[float, float, float, float]  # x, y, width, height in original pixels
 
 STYLE_FILE = "style.css"
+TEMPLATES = Path(__file__).with_name("templates")
+PAGES_MARKER = ".protoquant-pages.json"
+PAGES_FORMAT = "protoquant-pages"
+PAGES_VERSION = 1
+_WORK_PREFIX = ".protoquant-pages.tmp-"
 # Distinct, readable colours for numbered boxes drawn over an image.
 BOX_COLOURS = ((230, 57, 70), (29, 130, 230), (46, 160, 67), (240, 160, 20), (150, 70, 200), (20, 170, 170),
                (220, 90, 160), (120, 120, 120))
 # Heatmap colours from cold to hot (dark violet -> red -> yellow), interpolated linearly.
 _HEAT_STOPS = np.array([[0, 0, 4], [80, 18, 123], [183, 55, 121], [252, 137, 97], [252, 253, 191]], dtype=np.float64)
 
-STYLE = """
-:root { --ink: #1d2330; --muted: #5b6475; --line: #dfe3ea; --card: #ffffff; --bg: #f4f6f9; --accent: #2563c9; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--ink);
-       background: var(--bg); }
-header.top { background: #1d2330; color: #fff; padding: 14px 24px; }
-header.top h1 { margin: 0; font-size: 20px; font-weight: 600; }
-header.top p { margin: 4px 0 0; color: #c9d1de; font-size: 13px; }
-header.top a { color: #9cc2ff; }
-main { padding: 18px 24px 40px; max-width: 1400px; margin: 0 auto; }
-a { color: var(--accent); text-decoration: none; }
-a:hover { text-decoration: underline; }
-nav.pages { display: flex; flex-wrap: wrap; gap: 6px; margin: 6px 0 16px; align-items: center; }
-nav.pages a, nav.pages span { padding: 3px 9px; border: 1px solid var(--line); border-radius: 6px; background: #fff;
-       font-size: 13px; }
-nav.pages span.current { background: var(--accent); color: #fff; border-color: var(--accent); }
-.stats { display: flex; flex-wrap: wrap; gap: 10px; margin: 0 0 16px; }
-.stat { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 8px 14px; }
-.stat b { display: block; font-size: 18px; }
-.stat span { color: var(--muted); font-size: 12px; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(380px, 1fr)); gap: 14px; }
-.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 12px 14px; min-width: 0; }
-.card h3 { margin: 0 0 6px; font-size: 16px; }
-.card .meta { color: var(--muted); font-size: 13px; margin: 2px 0 8px; }
-.patches { display: flex; flex-wrap: wrap; gap: 4px; }
-.patches img { width: 56px; height: 56px; object-fit: cover; border-radius: 4px; border: 1px solid var(--line);
-       image-rendering: auto; background: #eee; }
-.patches figure { margin: 0; text-align: center; font-size: 11px; color: var(--muted); }
-.classes { margin: 6px 0 0; padding: 0; list-style: none; font-size: 13px; }
-.classes li { display: flex; justify-content: space-between; gap: 8px; }
-.classes li a { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
-.classes li span { flex-shrink: 0; color: var(--muted); }
-.pill { display: inline-block; padding: 1px 8px; border-radius: 999px; background: #e8eefb; color: #24427a;
-       font-size: 12px; margin-left: 4px; }
-.pill.warn { background: #fdecec; color: #8a1f1f; }
-table.data { border-collapse: collapse; background: #fff; border: 1px solid var(--line); margin: 8px 0 18px; }
-table.data th, table.data td { padding: 6px 10px; border-bottom: 1px solid var(--line); text-align: left;
-       vertical-align: middle; font-size: 14px; }
-table.data th { background: #eef1f6; font-weight: 600; }
-table.data td { overflow-wrap: anywhere; max-width: 420px; }
-.scroll { overflow-x: auto; }
-.explain { display: grid; grid-template-columns: minmax(280px, 420px) 1fr; gap: 22px; align-items: start; }
-.explain > figure { margin: 0; }
-.explain > figure img { width: 100%; height: auto; border-radius: 8px; border: 1px solid var(--line); }
-.reason { display: grid; grid-template-columns: 170px 1fr; gap: 12px; align-items: center; background: #fff;
-       border: 1px solid var(--line); border-radius: 10px; padding: 10px 12px; margin-bottom: 10px; }
-.reason > img { width: 170px; height: auto; border-radius: 6px; }
-.reason h4 { margin: 0 0 4px; font-size: 15px; }
-.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 3px; margin-right: 6px;
-       vertical-align: -1px; }
-.thumbs { display: grid; grid-template-columns: repeat(auto-fill, minmax(200px, 1fr)); gap: 12px; }
-.thumbs a { display: block; background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 8px;
-       color: var(--ink); min-width: 0; overflow-wrap: anywhere; font-size: 13px; }
-.thumbs img { width: 100%; height: auto; border-radius: 4px; }
-.muted { color: var(--muted); }
-h2 { font-size: 18px; margin: 22px 0 8px; }
-"""
-
 
 # ---- files -------------------------------------------------------------------------------------------
 
 def write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def save_image(image: Image.Image, path: Path, *, quality: int = 88) -> None:
     """Save a JPEG or PNG (by suffix) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     if path.suffix.lower() in (".jpg", ".jpeg"):
         image.convert("RGB").save(buffer, format="JPEG", quality=quality)
     else:
         image.save(buffer, format="PNG")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_style(directory: Path) -> None:
-    write_text(directory / STYLE_FILE, STYLE.lstrip())
+    """The one stylesheet every page links to, copied beside them."""
+    write_text(directory / STYLE_FILE, (TEMPLATES / STYLE_FILE).read_text(encoding="utf-8"))
 
 
 # ---- pictures ------------------------------------------------------------------------------------------
@@ -200,54 +157,115 @@ def write_patch_thumbnails(slots: list[tuple[str, int, Box]], load: Callable[[in
 
 # ---- HTML ------------------------------------------------------------------------------------------------
 
-def esc(value) -> str:
-    """Text made safe for HTML (quotes included)."""
-    return html.escape(str(value), quote=True)
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
-def img(src: str, alt: str, *, width: int | None = None, height: int | None = None, title: str = "") -> str:
-    """An <img> that loads lazily; width/height reserve its space so the page does not jump."""
-    size = (f' width="{width}"' if width else "") + (f' height="{height}"' if height else "")
-    tip = f' title="{esc(title)}"' if title else ""
-    return f'<img src="{esc(src)}" alt="{esc(alt)}"{size}{tip} loading="lazy" decoding="async">'
+def render_page(template: str, *, title: str, subtitle: Iterable[str] = (), style_href: str = STYLE_FILE,
+                **context) -> str:
+    """A whole HTML document from pipeline/templates/`template`; subtitle parts are joined by middle dots."""
+    return _environment().get_template(template).render(title=title, subtitle=list(subtitle), style_href=style_href,
+                                                         **context)
 
 
-def page(title: str, body: str, *, subtitle: str = "", style_href: str = STYLE_FILE) -> str:
-    """A whole HTML document with the shared stylesheet."""
-    sub = f"<p>{subtitle}</p>" if subtitle else ""
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{esc(title)}</title>\n'
-            f'<link rel="stylesheet" href="{esc(style_href)}">\n</head>\n<body>\n'
-            f'<header class="top"><h1>{esc(title)}</h1>{sub}</header>\n<main>\n{body}\n</main>\n</body>\n</html>\n')
+@dataclass(frozen=True)
+class PageLink:
+    """One entry of a pagination bar: a link, the current page, or a gap (no href)."""
+
+    label: str
+    href: str | None = None
+    current: bool = False
 
 
-def pagination(current: int, total: int, href: Callable[[int], str]) -> str:
-    """Page links 1..total (current highlighted), with previous / next."""
+def pagination(current: int, total: int, href: Callable[[int], str]) -> list[PageLink]:
+    """Page links 1..total (current highlighted, far pages elided), with previous / next; [] for one page."""
     if total <= 1:
-        return ""
-    parts = []
-    if current > 1:
-        parts.append(f'<a href="{esc(href(current - 1))}">&larr; previous</a>')
+        return []
+    links = [PageLink("\u2190 previous", href(current - 1))] if current > 1 else []
     for number in range(1, total + 1):
         if number == current:
-            parts.append(f'<span class="current">{number}</span>')
+            links.append(PageLink(str(number), current=True))
         elif abs(number - current) <= 3 or number in (1, total):
-            parts.append(f'<a href="{esc(href(number))}">{number}</a>')
+            links.append(PageLink(str(number), href(number)))
         elif abs(number - current) == 4:
-            parts.append("<span>&hellip;</span>")
+            links.append(PageLink("\u2026"))
     if current < total:
-        parts.append(f'<a href="{esc(href(current + 1))}">next &rarr;</a>')
-    return f'<nav class="pages">{"".join(parts)}</nav>'
+        links.append(PageLink("next \u2192", href(current + 1)))
+    return links
 
 
-def stats(items: list[tuple[str, str]]) -> str:
-    """A row of small figure boxes: (value, label)."""
-    return '<div class="stats">' + "".join(f'<div class="stat"><b>{esc(v)}</b><span>{esc(k)}</span></div>'
-                                           for v, k in items) + "</div>"
+# ---- pages folders -----------------------------------------------------------------------------------------
+
+def _listed_files(marker: Path) -> list[str]:
+    """The files a pages marker says protoquant wrote (relative paths, checked to stay inside the folder)."""
+    what = f"it marks a pages folder protoquant wrote; delete {marker.parent} yourself or pass another --out"
+    record = read_json(marker, what)
+    files = record.get("files")
+    if record.get("format") != PAGES_FORMAT or not isinstance(files, list):
+        raise ProtoquantError(f"{marker} is not a protoquant pages marker: {what}")
+    for name in files:
+        parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or name == PAGES_MARKER:
+            raise ProtoquantError(f"{marker} lists {name!r}, which is not a file inside the folder: {what}")
+    return files
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    """An HTML table; cells are given as HTML (escape text with esc)."""
-    head = "".join(f"<th>{h}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+def _is_pages_folder(path: Path) -> bool:
+    """Ours: it holds the marker, or only our temporary folders (a first run that was killed)."""
+    return (path / PAGES_MARKER).is_file() or all(p.name.startswith(_WORK_PREFIX) for p in path.iterdir())
+
+
+def check_pages_out(out: Path, option: str = "--out") -> list[str]:
+    """Refuse an OUT that protoquant did not make and that holds files (pipeline.paths' rule, which also
+    guards the current and home folders); -> the files an earlier run wrote there."""
+    ours = check_output(out, is_ours=_is_pages_folder, what="a pages folder", overwrite=False, option=option)
+    return _listed_files(out / PAGES_MARKER) if ours and (out / PAGES_MARKER).is_file() else []
+
+
+@contextmanager
+def pages_folder(out: str | Path, kind: str, option: str = "--out") -> Iterator[Path]:
+    """A temporary folder to write a whole site into; on success its files replace the previous site in OUT.
+
+    On any error the temporary folder goes, and so does OUT when this call created it: nothing is half
+    written. Files in OUT that protoquant did not list in its marker are never touched.
+    """
+    out = Path(out)
+    previous = check_pages_out(out, option)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=_WORK_PREFIX, dir=out))
+    try:
+        yield work
+        _publish(work, out, previous, kind)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    for leftover in out.glob(f"{_WORK_PREFIX}*"):  # our own temporary folders, from runs that were killed
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _publish(work: Path, out: Path, previous: list[str], kind: str) -> None:
+    files = sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file())
+    marker = {"format": PAGES_FORMAT, "version": PAGES_VERSION, "kind": kind}
+    # Listed first, so that a crash while moving still leaves every file of ours named in the marker.
+    write_json(out / PAGES_MARKER, {**marker, "files": sorted(set(previous) | set(files))})
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work / name, out / name)
+    for name in sorted(set(previous) - set(files)):
+        _remove_file_of_ours(out, name)
+    write_json(out / PAGES_MARKER, {**marker, "files": files})
+
+
+def _remove_file_of_ours(out: Path, name: str) -> None:
+    """Delete a file an earlier run wrote, then the folders it leaves empty (up to OUT)."""
+    path = out / name
+    path.unlink(missing_ok=True)
+    folder = path.parent
+    while folder != out and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent

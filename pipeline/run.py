@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.errors import ProtoquantError
 from pipeline.io import read_json
+from pipeline.paths import check_output, remove_ours
 
 RUN_FORMAT = "protoquant-run"
 RUN_VERSION = 1
@@ -43,29 +44,9 @@ def is_run_dir(path: Path) -> bool:
     return value.get("format") == RUN_FORMAT or value.get("command") in ("train", "prune")
 
 
-def _protected(path: Path) -> str | None:
-    """Why `path` may never be replaced, whatever it holds: it is or contains the current or home folder."""
-    resolved = path.resolve()
-    for name, place in (("the current folder", Path.cwd()), ("your home folder", Path.home())):
-        place = place.resolve()
-        if resolved == place or resolved in place.parents:
-            return name
-    return None
-
-
 def check_run_out(out: Path, *, overwrite: bool) -> None:
-    """Refuse an --out that exists and is not a run protoquant may replace."""
-    if _absent_or_empty(out):
-        return
-    if out.is_symlink() or not out.is_dir():
-        raise ProtoquantError(f"--out {out} is a file, not a run directory: choose another path")
-    reason = _protected(out)
-    if reason:
-        raise ProtoquantError(f"--out {out} is {reason} (or holds it): choose a new path for the run")
-    if not is_run_dir(out):
-        raise ProtoquantError(f"--out {out} exists and is not a protoquant run: choose another path "
-                              "(--overwrite replaces only a run protoquant wrote)")
-    if not overwrite:
+    """Refuse an --out that exists and is not a run protoquant may replace (pipeline.paths holds the rule)."""
+    if check_output(out, is_ours=is_run_dir, what="a run", overwrite=overwrite) and not overwrite:
         raise ProtoquantError(f"--out {out} already exists: choose another path, or pass --overwrite to replace it")
 
 
@@ -116,7 +97,7 @@ def finish_run_dir(work: Path, out: Path) -> None:
         trash = out.parent / f".{out.name}.old-{os.getpid()}"
         os.replace(out, trash)
         os.replace(work, out)
-        shutil.rmtree(trash)
+        remove_ours(trash, is_run_dir)
         return
     os.replace(work, out)
 

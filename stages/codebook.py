@@ -36,6 +36,7 @@ class CodebookSettings:
     seed: int = 0
     init: str = "kmeans"       # "kmeans" or "random" (the paper's orthogonal init)
     backend: str = "auto"      # "auto" (faiss when installed), "faiss" or "torch"
+    device: str | None = None  # "cpu", "cuda[:N]"; None: cuda when torch sees a GPU
 
 
 @dataclass
@@ -81,12 +82,23 @@ def read_sample(split: CacheSplit, rows: np.ndarray, per_image: int, seed: int) 
     for chunk in np.unique(rows // r):
         start, stop = int(chunk) * r, min(int(chunk) * r + r, split.n)
         selected = rows[(rows >= start) & (rows < stop)]
-        grids = split.features[start:stop][selected - start].reshape(len(selected), h * w, d)  # (n, H*W, D)
+        grids = split.read_features(start, stop)[selected - start].reshape(len(selected), h * w, d)  # (n, H*W, D)
         cells = np.stack([rng.choice(h * w, per_image, replace=False) for _ in selected])  # (n, P)
         picked = np.take_along_axis(grids, cells[:, :, None], axis=1)  # (n, P, D)
         out[filled:filled + picked.shape[0] * per_image] = picked.reshape(-1, d)
         filled += picked.shape[0] * per_image
     return out
+
+
+def _check_enough_patches(settings: CodebookSettings, available: int) -> None:
+    """k-means needs k sample vectors: say which limit binds, the cache's patches or --sample."""
+    if settings.init != "kmeans" or settings.k <= min(available, settings.sample):
+        return
+    if settings.k > available:
+        raise ProtoquantError(f"-k {settings.k}: the cache's train split holds only {available} patches "
+                              f"(images x grid cells), so k-means can find at most {available} codes: lower -k")
+    raise ProtoquantError(f"-k {settings.k} is above --sample {settings.sample}: raise --sample to at least "
+                          f"{settings.k} (the cache holds {available} patches) or lower -k")
 
 
 def build_codebook(cache_path: str | Path, out: str | Path, settings: CodebookSettings) -> CodebookResult:
@@ -103,10 +115,12 @@ def build_codebook(cache_path: str | Path, out: str | Path, settings: CodebookSe
     if len(rows) == 0:
         raise ProtoquantError(f"{cache.path}: the train split holds no usable images")
     h, w = cache.grid
+    _check_enough_patches(settings, available=len(rows) * h * w)
     chosen, per_image = sample_plan(split.labels, rows, h * w, settings.sample, settings.seed)
     sample = read_sample(split, chosen, per_image, settings.seed)  # (n, D)
     if settings.init == "kmeans":
-        result = spherical_kmeans(sample, settings.k, iters=settings.iters, seed=settings.seed, backend=settings.backend)
+        result = spherical_kmeans(sample, settings.k, iters=settings.iters, seed=settings.seed, backend=settings.backend,
+                                  device=settings.device)
         codes = rescale_to_feature_norm(result.codes, result.mean_norms)  # (K, D) raw magnitude for stage A
         objective, backend = result.objective, result.backend
     else:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from markupsafe import Markup
 
 from pipeline import render
 from pipeline.cache import Cache
@@ -24,7 +25,8 @@ from pipeline.data import evaluation_source
 from pipeline.errors import ProtoquantError
 from pipeline.model import keep_top_k_per_class
 from pipeline.plots import Series, line_chart
-from pipeline.training import iter_log, open_run, write_json
+from pipeline.io import iter_log, write_json
+from pipeline.run import open_run
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class DemoSettings:
     seed: int = 0
 
     def train_settings(self):
-        from stages.train import TrainSettings
+        from pipeline.training import TrainSettings
 
         given = {"epochs": self.epochs, "probe_epochs": self.probe_epochs, "codebook_epochs": self.codebook_epochs}
         return TrainSettings(seed=self.seed, **{k: v for k, v in given.items() if v is not None})
@@ -95,11 +97,10 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     """Run the whole pipeline into OUT (resuming: finished steps are skipped)."""
     from pipeline.birds import make_birds
     from stages.codebook import CodebookSettings, build_codebook
-    from stages.evaluate import evaluate
+    from stages.evaluate import MetricSettings, evaluate, interpretability_metrics
     from stages.explain import explain
     from stages.extract import extract
     from stages.gallery import gallery
-    from stages.interpret import MetricSettings, interpretability_metrics
     from stages.train import train
 
     started = time.perf_counter()
@@ -177,9 +178,22 @@ def _percent(value) -> str:
 
 
 def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSettings) -> Path:
-    """DIR/index.html: the figures, two plots, and links to the gallery and the explanations."""
+    """DIR/index.html (and DIR/style.css): the figures, two plots, and links to the gallery and the explanations."""
     evaluation, interp, curve = figures["evaluation"], figures["interpretability"], figures["top_k"]
-    purity = interp.get("purity", {})
+    per_epoch, top_k = _charts(run_path, curve)
+    strip = [p.relative_to(out).as_posix() for p in sorted((out / "gallery" / "thumbs").glob("*.jpg"))[:6]]
+    metrics = json.dumps({k: v for k, v in interp.items() if k != "grounding"}, indent=1, default=float)[:4000]
+    page = render.render_page("demo_report.html", title="protoquant demo", settings=settings,
+                              results=_result_rows(evaluation, interp.get("purity", {})), strip=strip,
+                              per_epoch=per_epoch, top_k=top_k, metrics=metrics)
+    render.write_style(out)
+    report = out / "index.html"
+    render.write_text(report, page)
+    return report
+
+
+def _charts(run_path: Path, curve: list[dict]) -> tuple[Markup, Markup]:
+    """Validation accuracy per epoch, and accuracy against the per-class top-k (SVG; plots escapes its text)."""
     epochs = [r for r in iter_log(run_path / "log.jsonl") if r.get("val_top1") is not None]
     phases = sorted({r["phase"] for r in epochs}, key=["probe", "codebook", "head"].index)
     per_epoch = line_chart(
@@ -191,44 +205,17 @@ def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSetting
          Series(f"full head ({full['codes_used']} codes)", [(p["k"], full["top1"]) for p in curve if not p["full"]])],
         title="interpretability vs accuracy", x_label="weights kept per class (k)", y_label="test top-1",
         y_range=(0.0, 1.0), log_x=True)
-    rows = [
-        ["ProtoQuant head, test top-1", _percent(evaluation["top1"])],
-        ["linear probe (reference), test top-1", _percent(evaluation["probe_top1"])],
-        ["test top-5", _percent(evaluation["top5"])],
-        ["codes in use", f"{evaluation['codes_used']} of {evaluation['codes_total']}"],
-        ["mean local explanation size", f"{evaluation['local_size']:.1f} codes"],
-        ["purity (PIP-Net protocol, mean)", f"{purity['mean']:.3f}" if purity.get("mean") is not None else "-"],
-        ["codes with purity > 0.5", str(purity.get("above_0_5", "-"))],
-        ["test images", str(evaluation["n"])],
-    ]
-    table = render.table(["figure", "value"], [[render.esc(a), render.esc(b)] for a, b in rows])
-    gallery_thumbs = sorted((out / "gallery" / "thumbs").glob("*.jpg"))[:6]
-    strip = "".join(f'<img src="{render.esc(str(p.relative_to(out)))}" alt="prototype patch" width="96" height="96" loading="lazy">'
-                    for p in gallery_thumbs)
-    body = f"""
-<h1>protoquant demo</h1>
-<p>{settings.classes} generated bird classes ({settings.per_class} images each, {settings.size} px), frozen
-tf_efficientnet_lite0 with its built-in ImageNet weights, K = {settings.k} prototypical parts.
-Every number below comes from this run; <code>demo-state.json</code> records which steps ran.</p>
-<h2>Results</h2>{table}
-<h2>Look inside</h2>
-<ul>
-<li><a href="gallery/index.html">Prototype gallery</a>: every code in use with its nearest training patches, and one page per class.</li>
-<li><a href="explain/index.html">Explained test images</a>: the prediction, the parts that drove it, and where they fired.</li>
-</ul>
-<div class="strip">{strip}</div>
-<h2>Training</h2>{per_epoch}
-<h2>Accuracy against explanation size</h2>
-<p>Each class keeps only its k largest weights (the paper's per-class top-k, no retraining).</p>{top_k}
-<h2>Interpretability metrics</h2>
-<pre>{render.esc(json.dumps({k: v for k, v in interp.items() if k != 'grounding'}, indent=1, default=float)[:4000])}</pre>
-"""
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>protoquant demo</title>
-<style>body{{font-family:sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}
-.strip img{{margin:2px;border:1px solid #999}}pre{{background:#f6f6f6;padding:8px;overflow:auto;font-size:12px}}</style>
-</head><body>{body}</body></html>"""
-    report = out / "index.html"
-    render.write_text(report, page)
-    return report
+    return Markup(per_epoch), Markup(top_k)
 
+
+def _result_rows(evaluation: dict, purity: dict) -> list[tuple[str, str]]:
+    return [
+        ("ProtoQuant head, test top-1", _percent(evaluation["top1"])),
+        ("linear probe (reference), test top-1", _percent(evaluation["probe_top1"])),
+        ("test top-5", _percent(evaluation["top5"])),
+        ("codes in use", f"{evaluation['codes_used']} of {evaluation['codes_total']}"),
+        ("mean local explanation size", f"{evaluation['local_size']:.1f} codes"),
+        ("purity (PIP-Net protocol, mean)", f"{purity['mean']:.3f}" if purity.get("mean") is not None else "-"),
+        ("codes with purity > 0.5", str(purity.get("above_0_5", "-"))),
+        ("test images", str(evaluation["n"])),
+    ]

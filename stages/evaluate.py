@@ -1,4 +1,11 @@
-"""Score a run on one split of its cache: accuracy, the probe's accuracy, and prototype statistics.
+"""Score a run on one split of its cache: accuracy, the probe's accuracy, and prototype statistics; with
+DATA, the interpretability metrics too.
+
+    evaluate(RUN) -> Evaluation                         from the cache alone
+    interpretability_metrics(RUN, DATA) -> {"grounding", "purity", "misalignment", "stability", "deletion"}
+        grounding and purity come from the cache alone (purity needs part keypoints); the other three
+        run up to settings.max_images test images through the backbone. A metric whose annotations
+        are missing is {"skipped": "why"}.
 
 Nothing here is selected or tuned on what it measures: evaluate only reads a finished run.
 """
@@ -11,9 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache import Cache
+from pipeline.cards import GROUNDING_TOP
 from pipeline.data import evaluation_source, usable_rows
-from pipeline.model import ProtoQuantHead, codes_in_use, local_explanation_size
-from pipeline.training import open_run_and_cache, resolve_device
+from pipeline.devices import resolve_device
+from pipeline.geometry import Preprocessing
+from pipeline.grounding import SplitImages, grounding_for_run
+from pipeline.inference import ImageModel
+from pipeline.metrics import MisalignmentSettings, PartImage, deletion, misalignment, network_view, purity, stability
+from pipeline.model import ProtoQuantHead, class_contributions, codes_in_use, local_explanation_size
+from pipeline.run import open_run_and_cache
 
 LOCAL_THRESHOLD = 1e-3  # a code counts in a local explanation above this fraction of the predicted logit
 
@@ -60,8 +74,6 @@ def evaluate_with_metrics(run_path: str | Path, *, data: str | Path | None = Non
     evaluation = evaluate(run_path, cache=cache, device=device, weights=weights, **options)
     if data is None:
         return evaluation, {}
-    from stages.interpret import MetricSettings, interpretability_metrics
-
     settings = MetricSettings(max_images=max_images, device=str(resolve_device(device)))
     return evaluation, interpretability_metrics(run_path, data, cache=cache, weights=weights, settings=settings)
 
@@ -78,7 +90,7 @@ def score_head(head: ProtoQuantHead, probe: torch.nn.Module | None, source, clas
         presence = head.presence(f)  # (B, K)
         logits = head.logits_from_presence(presence)  # (B, C)
         predicted = logits.argmax(dim=1)  # (B,)
-        to_predicted = head.effective_weight()[predicted] * presence  # (B, K): contributions to the prediction
+        to_predicted = class_contributions(head, presence, predicted)  # (B, K): contributions to the prediction
         sizes.append(local_explanation_size(to_predicted[:, None, :], logits.gather(1, predicted[:, None]),
                                             LOCAL_THRESHOLD).cpu())
         top5_hits.append((logits.topk(k5, dim=1).indices.cpu() == labels[:, None]).any(dim=1))
@@ -105,31 +117,68 @@ def _mean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def print_evaluation(result: Evaluation, run_path: str | Path) -> None:
-    """Rich tables: the summary, then per-class accuracy."""
-    from rich.console import Console
-    from rich.table import Table
+# ---- interpretability metrics (evaluate --data) ----------------------------------------------------------
 
-    console = Console()
-    summary = Table(title=f"{run_path} on the {result.split} split ({result.n} images)")
-    summary.add_column("measure")
-    summary.add_column("value", justify="right")
-    rows = [
-        ("ProtoQuant top-1", f"{result.top1:.4f}"), ("ProtoQuant top-5", f"{result.top5:.4f}"),
-        ("probe top-1 (reference)", f"{result.probe_top1:.4f}"),
-        ("probe minus ProtoQuant", f"{result.probe_top1 - result.top1:+.4f}"),
-        ("codes in use", f"{result.codes_used} / {result.codes_total}"),
-        ("mean local explanation size", f"{result.local_size:.2f} codes"),
-        ("sparsity of W", f"{result.w_sparsity:.3f}"),
-    ]
-    if result.skipped:
-        rows.append(("skipped images (not scored)", str(result.skipped)))
-    for name, value in rows:
-        summary.add_row(name, value)
-    console.print(summary)
-    per_class = Table(title="per-class top-1")
-    per_class.add_column("class")
-    per_class.add_column("top-1", justify="right")
-    for name, value in result.per_class.items():
-        per_class.add_row(name, f"{value:.3f}")
-    console.print(per_class)
+@dataclass(frozen=True)
+class MetricSettings:
+    """Options of the interpretability metrics (bounded so they run in seconds on a CPU)."""
+
+    max_images: int = 32  # test images for misalignment, stability and deletion
+    purity_top: int = 10  # PIP-Net: top training images per code
+    sigma: float = 0.05  # stability: Gaussian noise std on pixels in [0, 1]
+    codes_per_image: int = 10  # stability: top contributions checked per image
+    eps: float = 8 / 255  # misalignment: PGD L-inf radius (pixels in [0, 1])
+    step: float = 2 / 255
+    steps: int = 5
+    batch_size: int = 8
+    split: str = "test"
+    seed: int = 0
+    device: str = "cpu"
+
+
+def interpretability_metrics(run_path: str | Path, data: str | Path, *, cache: str | Path | None = None,
+                             weights: str | Path | None = None, settings: MetricSettings = MetricSettings()) -> dict:
+    """Grounding, purity, misalignment, stability and deletion of RUN; DATA provides the pixels."""
+    run, store = open_run_and_cache(run_path, cache)
+    store.require_complete()
+    head = run.head.eval()
+    result: dict = {}
+    grounding = grounding_for_run(run.path, head, store, top=GROUNDING_TOP, device=settings.device)
+    result["grounding"] = grounding.summary(codes_in_use(head).cpu().numpy())
+    has_parts = "part_locs" in (store.split("train").annotations() or {})
+    result["purity"] = (purity(head, store, top=settings.purity_top, device=settings.device) if has_parts
+                        else {"skipped": "the dataset has no part keypoints (parts/part_locs.txt)"})
+
+    items = load_part_images(store, settings.split, data, settings.max_images)
+    preprocessing = Preprocessing.from_cache(store)
+    model = ImageModel.for_cache(store.provenance, head, weights=weights, device=settings.device)
+    pixels = torch.stack([model.pixels(network_view(item, preprocessing)) for item in items])
+    labels = torch.tensor([item.label for item in items])
+    attack = MisalignmentSettings(eps=settings.eps, step=settings.step, steps=settings.steps,
+                                  batch_size=settings.batch_size)
+    result["misalignment"] = misalignment(model, pixels, labels, attack)
+    result["stability"] = stability(model, pixels, sigma=settings.sigma, codes_per_image=settings.codes_per_image,
+                                    seed=settings.seed, batch_size=settings.batch_size)
+    with_parts = [item for item in items if item.part_locs.size]
+    result["deletion"] = (deletion(model, with_parts, preprocessing, seed=settings.seed) if with_parts
+                          else {"skipped": "the dataset has no part keypoints (parts/part_locs.txt)"})
+    return result
+
+
+def load_part_images(cache: Cache, split: str, data: str | Path, limit: int) -> list[PartImage]:
+    """The first `limit` usable rows of a split (rows are a random permutation, so a random sample),
+    read from DATA with their annotations from the cache."""
+    rows = usable_rows(cache.split(split))[:limit]
+    images = SplitImages(cache, split, data)
+    annotations = cache.split(split).annotations() or {}
+    labels = cache.split(split).labels
+    items = []
+    for row in rows.tolist():
+        boxes, locs, part_boxes = (annotations.get(k) for k in ("boxes", "part_locs", "part_boxes"))
+        items.append(PartImage(
+            image=images.load(row), label=int(labels[row]),
+            bird_box=None if boxes is None else tuple(float(v) for v in boxes[row]),
+            part_locs=np.zeros((0, 3)) if locs is None else locs[row],
+            part_boxes=None if part_boxes is None else part_boxes[row],
+        ))
+    return items

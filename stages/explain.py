@@ -11,6 +11,11 @@ with its own top codes, for contrast.
     DIR/thumbs/code-KKKKK-S.jpg nearest training patches (the same files as the gallery's)
     DIR/explanations.json       the numbers on the pages
     DIR/style.css
+    DIR/.protoquant-pages.json  the files protoquant wrote here (a later explain replaces them)
+
+DIR must be new, empty, or a folder protoquant wrote pages into: the user's own files are never
+overwritten. Every image is decoded before anything is written, and the site is built in a
+temporary folder, so a bad image or a crash leaves DIR as it was.
 
 The backbone is rebuilt from the cache's provenance; images are fed whole through the cache's
 preprocessing (a cache made with --crop-to-box saw box crops; new images have no box).
@@ -18,7 +23,6 @@ preprocessing (a cache made with --crop-to-box saw box crops; new images have no
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,16 +31,15 @@ import numpy as np
 import torch
 
 from pipeline import render
-from pipeline.backbones import load_backbone_for_cache
+from pipeline.cards import GROUNDING_TOP, code_thumbs, write_code_thumbnails
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import ImageGeometry, Preprocessing
 from pipeline.grounding import SplitImages, grounding_for_run
-from pipeline.images import decode_rgb
-from pipeline.metrics import ImageModel, Outputs
-from pipeline.model import peak_locations
-from pipeline.render import esc
-from stages.evaluate import open_run_and_cache
-from stages.gallery import GROUNDING_TOP, thumb_name, write_code_thumbnails
+from pipeline.images import read_image_file
+from pipeline.inference import ImageModel, Outputs
+from pipeline.model import top_contributions
+from pipeline.run import open_run_and_cache
+from pipeline.io import write_json
 
 
 @dataclass(frozen=True)
@@ -97,59 +100,67 @@ def explain(run_path: str | Path, images: list[str | Path], out: str | Path, *, 
     out = Path(out)
     if not images:
         raise ProtoquantError("explain needs at least one IMAGE")
+    render.check_pages_out(out)
+    decoded = [_read_image(Path(path)) for path in images]  # a bad image is refused before anything is written
     run, store = open_run_and_cache(run_path, cache)
-    backbone = load_backbone_for_cache(store.provenance, weights=weights, device=settings.device)
-    model = ImageModel(backbone, run.head.to(settings.device))
+    model = ImageModel.for_cache(store.provenance, run.head, weights=weights, device=settings.device)
+    backbone = model.backbone
     preprocessing = Preprocessing.from_provenance(store.provenance, crop_to_box=False)
     explanations, pictures = [], []
-    for number, path in enumerate(images, start=1):
-        image = _read_image(Path(path))
-        with torch.no_grad():
-            outputs = model.outputs(model.pixels(image)[None])
-        geometry = preprocessing.image(image.size)
-        explanation = _explain_one(model, outputs, geometry, run.classes, Path(path).name, number, settings)
-        explanations.append(explanation)
-        pictures.append(_write_pictures(out, number, image, outputs, geometry, explanation, settings))
-
-    grounding = grounding_for_run(run.path, run.head, store, top=max(GROUNDING_TOP, settings.patches),
-                                  device=settings.device)
-    shown = sorted({r.code for e in explanations for r in e.reasons + e.runner_up_reasons})
-    write_code_thumbnails(grounding, np.asarray(shown, dtype=np.int64), store, SplitImages(store, grounding.split, data),
-                          out, patches=settings.patches, size=settings.thumb_size)
-    patches = {k: [(thumb_name(k, s), float(grounding.nearest.scores[k, s]))
-                   for s in np.flatnonzero(grounding.nearest.valid[k][:settings.patches])] for k in shown}
-    render.write_style(out)
-    note = ("" if not store.attrs.get("crop_to_box") else
-            " &middot; the cache saw images cropped to their bird box; these images are used whole")
-    subtitle = f"run {esc(run.path.name)} &middot; backbone {esc(backbone.name)}{note}"
-    for explanation, picture in zip(explanations, pictures):
-        render.write_text(out / explanation.page, image_page(explanation, picture, patches, subtitle))
-    render.write_text(out / "index.html", index_page(explanations, pictures, subtitle))
-    render.write_text(out / "explanations.json", json.dumps([asdict(e) for e in explanations], indent=2) + "\n")
+    with render.pages_folder(out, "explain") as site:
+        for number, (path, image) in enumerate(zip(images, decoded), start=1):
+            with torch.no_grad():
+                outputs = model.outputs(model.pixels(image)[None])
+            geometry = preprocessing.image(image.size)
+            explanation = _explain_one(model, outputs, geometry, run.classes, Path(path).name, number, settings)
+            explanations.append(explanation)
+            pictures.append(_write_pictures(site, number, image, outputs, geometry, explanation, settings))
+        grounding = grounding_for_run(run.path, run.head, store, top=max(GROUNDING_TOP, settings.patches),
+                                      device=settings.device)
+        shown = sorted({r.code for e in explanations for r in e.reasons + e.runner_up_reasons})
+        write_code_thumbnails(grounding, np.asarray(shown, dtype=np.int64), store,
+                              SplitImages(store, grounding.split, data), site, patches=settings.patches,
+                              size=settings.thumb_size)
+        patches = {k: code_thumbs(grounding, k, settings.patches) for k in shown}
+        subtitle = [f"run {run.path.name}", f"backbone {backbone.name}"]
+        if store.attrs.get("crop_to_box"):
+            subtitle.append("the cache saw images cropped to their bird box; these images are used whole")
+        _write_pages(site, explanations, pictures, patches, subtitle)
     return ExplainSummary(out=out, index=out / "index.html", explanations=explanations,
                           seconds=round(time.perf_counter() - started, 3))
 
 
+def _write_pages(site: Path, explanations: list[Explanation], pictures: list[dict[str, str]],
+                 patches: dict[int, list[tuple[str, float]]], subtitle: list[str]) -> None:
+    render.write_style(site)
+    for explanation, picture in zip(explanations, pictures):
+        render.write_text(site / explanation.page, image_page(explanation, picture, patches, subtitle))
+    render.write_text(site / "index.html", index_page(explanations, pictures, subtitle))
+    write_json(site / "explanations.json", [asdict(e) for e in explanations])
+
+
 def _read_image(path: Path):
+    if path.is_dir():
+        raise ProtoquantError(f"IMAGE {path} is a directory: pass image files (e.g. {path}/*.jpg)")
     if not path.is_file():
         raise ProtoquantError(f"IMAGE {path} does not exist: pass paths of image files")
-    return decode_rgb(path.read_bytes(), str(path))
+    return read_image_file(path)
 
 
 def reasons_for(model: ImageModel, outputs: Outputs, geometry: ImageGeometry, cls: int, top: int) -> list[Reason]:
     """The `top` largest positive contributions relu(W[cls, k]) * p[k] of one image (batch of one)."""
     weight = model.head.effective_weight()[cls].detach().cpu()  # (K,)
     presence = outputs.presence[0].cpu()
-    contribution = weight * presence
-    cells = peak_locations(outputs.activation)[0].cpu()  # (K, 2)
+    best = top_contributions(model.head, outputs.activation, outputs.presence,
+                             torch.tensor([cls], device=outputs.presence.device), top)
     reasons = []
-    for k in contribution.argsort(descending=True)[:top].tolist():
-        if contribution[k] <= 0:
+    for k, value, shown, (h, w) in zip(best.codes[0].tolist(), best.values[0].tolist(), best.shown[0].tolist(),
+                                       best.cells[0].tolist()):
+        if not shown:
             break
-        h, w = (int(v) for v in cells[k])
         box = tuple(float(v) for v in geometry.cell_box(h, w))
         reasons.append(Reason(code=k, weight=float(weight[k]), presence=float(presence[k]),
-                              contribution=float(contribution[k]), cell=(h, w), box=box))
+                              contribution=value, cell=(h, w), box=box))
     return reasons
 
 
@@ -191,41 +202,14 @@ def _write_pictures(out: Path, number: int, image, outputs: Outputs, geometry: I
     return paths
 
 
-def _reason_block(index: int | None, reason: Reason, picture: str, patches: list[tuple[str, float]]) -> str:
-    colour = render.BOX_COLOURS[index % len(render.BOX_COLOURS)] if index is not None else (160, 160, 160)
-    swatch = f'<span class="swatch" style="background: rgb{colour}"></span>'
-    label = f"{index + 1}. " if index is not None else ""
-    thumbs = "".join(f'<figure>{render.img(path, f"training patch near code {reason.code}", width=56, height=56, title=f"cosine {cos:.3f}")}'
-                     f"<figcaption>{cos:.2f}</figcaption></figure>" for path, cos in patches)
-    return (f'<div class="reason">{render.img(picture, f"where code {reason.code} fired", width=170)}<div>'
-            f"<h4>{swatch}{label}Code {reason.code}: contribution {reason.contribution:.3f}</h4>"
-            f'<div class="muted">weight {reason.weight:.3f} &times; presence {reason.presence:.3f} &middot; fired at '
-            f"cell {reason.cell} &middot; this looks like these training patches:</div>"
-            f'<div class="patches">{thumbs or "<span class=muted>none</span>"}</div></div></div>')
-
-
-def image_page(e: Explanation, pictures: dict[str, str], patches: dict[int, list], subtitle: str) -> str:
+def image_page(e: Explanation, pictures: dict[str, str], patches: dict[int, list], subtitle: list[str]) -> str:
     """One image explained: prediction, top codes, runner-up."""
-    reasons = "".join(_reason_block(i, r, pictures[str(r.code)], patches[r.code]) for i, r in enumerate(e.reasons))
-    contrast = ""
-    if e.runner_up is not None:
-        blocks = "".join(_reason_block(None, r, pictures[str(r.code)], patches[r.code]) for r in e.runner_up_reasons)
-        contrast = (f"<h2>Runner-up: {esc(e.runner_up)} (p = {e.runner_up_probability:.3f}, score "
-                    f"{e.runner_up_score:.3f})</h2>{blocks or '<p class=muted>No code contributes to it.</p>'}")
-    total = sum(r.contribution for r in e.reasons)
-    body = (f'<p><a href="index.html">&larr; all images</a></p>'
-            f'<div class="explain"><figure>{render.img(pictures["main"], f"{e.image} with the top codes boxed")}'
-            f'<figcaption class="muted">Numbered boxes: where the top codes fired.</figcaption></figure><div>'
-            f"<h2>Predicted {esc(e.predicted)} (p = {e.probability:.3f}, score {e.score:.3f})</h2>"
-            f'<p class="muted">Score = sum over codes of relu(W) &times; presence; the {len(e.reasons)} codes below give '
-            f"{total:.3f} of it.</p>{reasons}{contrast}</div></div>")
-    return render.page(f"Explanation: {e.image}", body, subtitle=subtitle)
+    return render.render_page("explain_image.html", title=f"Explanation: {e.image}", subtitle=subtitle, e=e,
+                              pictures=pictures, patches_of=patches, colours=render.BOX_COLOURS,
+                              total=sum(r.contribution for r in e.reasons))
 
 
-def index_page(explanations: list[Explanation], pictures: list[dict[str, str]], subtitle: str) -> str:
+def index_page(explanations: list[Explanation], pictures: list[dict[str, str]], subtitle: list[str]) -> str:
     """Every explained image with its prediction."""
-    items = "".join(f'<a href="{esc(e.page)}">{render.img(p["main"], e.image)}<div><b>{esc(e.image)}</b></div>'
-                    f'<div class="muted">{esc(e.predicted)} ({e.probability:.2f})</div></a>'
-                    for e, p in zip(explanations, pictures))
-    body = f'<p>{len(explanations)} images; open one to see why.</p><div class="thumbs">{items}</div>'
-    return render.page("Explanations", body, subtitle=subtitle)
+    items = [(e, p["main"]) for e, p in zip(explanations, pictures)]
+    return render.render_page("explain_index.html", title="Explanations", subtitle=subtitle, items=items)

@@ -10,25 +10,36 @@ In this order:
 4. finetune_epochs: stage B again on the training rows, best epoch chosen on validation.
 Accuracy is reported before and after on validation (what pruning may be judged on) and, for
 information only, on test.
+
+The edit report (OUT/report/index.html, or prune_report(RUN_BEFORE, RUN_AFTER, DIR)) shows which codes
+went, their nearest training patches, accuracy before and after, and the test predictions that
+changed; edit_report(run, edited_head, cache, DIR) does the same for a head not saved yet.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from pipeline import render
+from pipeline.cache import Cache
+from pipeline.cards import GROUNDING_TOP, code_views, write_code_thumbnails
 from pipeline.codebook import code_usage
 from pipeline.data import evaluation_source, open_training_data, parse_memory, usable_rows
 from pipeline.errors import ProtoquantError
-from pipeline.model import codes_in_use, keep_top_k_per_class, save_head
+from pipeline.grounding import SplitImages, grounding_for_run
+from pipeline.model import ProtoQuantHead, codes_in_use, keep_top_k_per_class, save_head
 from pipeline.devices import resolve_device
 from pipeline.distributed import Distributed
 from pipeline.io import write_json, write_log
 from pipeline.progress import EpochDisplay
-from pipeline.run import check_run_out, finish_run_dir, open_run_and_cache, prepare_run_dir, run_config
+from pipeline.run import (Run, check_run_matches_cache, check_run_out, finish_run_dir, open_run, open_run_and_cache,
+                          prepare_run_dir, run_config)
 from pipeline.training import TrainSettings, accuracy, head_phase, run_phase
 
 
@@ -133,13 +144,132 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     finish_run_dir(work, out)
     result = PruneResult(out, before, after, list(settings.drop_codes), by_usage)
     if report:
-        from stages.interpret import prune_report
-
         try:
             result.report = prune_report(run_path, out, out / "report", cache=store.path, data=data).index
         except ProtoquantError as err:
             result.report_skipped = str(err)
     return result
+
+
+# ---- the edit report --------------------------------------------------------------------------------------
+
+@dataclass
+class PruneReport:
+    """What an edit report found, and where it is."""
+
+    out: Path
+    index: Path
+    accuracy_before: float
+    accuracy_after: float
+    removed: list[int]  # codes in use before, not after
+    changed: int  # test predictions that changed
+    seconds: float
+
+
+@torch.no_grad()
+def predictions(head: ProtoQuantHead, cache: Cache, split: str, *, batch_size: int = 256,
+                device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, labels, predicted classes) over the usable rows of a split, in row order."""
+    data = cache.split(split)
+    rows = usable_rows(data)
+    labels, predicted = [], []
+    head = head.eval().to(device)
+    for features, y in evaluation_source(data, batch_size=batch_size, rows=rows).batches(0):
+        predicted.append(head(features.to(device)).argmax(dim=1).cpu())
+        labels.append(y)
+    return rows, torch.cat(labels).numpy(), torch.cat(predicted).numpy()
+
+
+def prune_report(before_run: str | Path, after_run: str | Path, out: str | Path, *, cache: str | Path | None = None,
+                 data: str | Path | None = None, split: str = "test", patches: int = 5, max_changed: int = 200,
+                 device: str = "cpu") -> PruneReport:
+    """Write DIR/index.html comparing two runs on the same cache: before and after an edit."""
+    before, store = open_run_and_cache(before_run, cache)
+    after = open_run(after_run)
+    check_run_matches_cache(after, store)
+    title = f"{Path(before_run).name} → {Path(after_run).name}"
+    return edit_report(before, after.head, store, out, data=data, split=split, patches=patches,
+                       max_changed=max_changed, device=device, title=title)
+
+
+def edit_report(before: Run, after: ProtoQuantHead, cache: Cache, out: str | Path, *, data: str | Path | None = None,
+                split: str = "test", patches: int = 5, max_changed: int = 200, device: str = "cpu",
+                title: str = "") -> PruneReport:
+    """Write DIR/index.html for an edited head (e.g. before the pruned run is saved): the codes in use
+    before and not after with their nearest training patches, accuracy on `split` before and after,
+    and the predictions that changed (at most max_changed shown; DIR/report.json has the counts)."""
+    started = time.perf_counter()
+    out = Path(out)
+    used_before, used_after = codes_in_use(before.head).cpu().numpy(), codes_in_use(after).cpu().numpy()
+    removed = np.flatnonzero(used_before & ~used_after)
+    with render.pages_folder(out, "edit-report") as site:
+        grounding = grounding_for_run(before.path, before.head, cache, top=max(GROUNDING_TOP, patches), device=device)
+        write_code_thumbnails(grounding, removed, cache, SplitImages(cache, grounding.split, data), site,
+                              patches=patches, size=96)
+        rows, labels, predicted_before = predictions(before.head, cache, split, device=device)
+        _, _, predicted_after = predictions(after, cache, split, device=device)
+        changed = np.flatnonzero(predicted_before != predicted_after)
+        test_images = SplitImages(cache, split, data)
+        shown = changed[:max_changed]
+        for i in shown.tolist():
+            picture, _ = render.fit(test_images.load(int(rows[i])), 96)
+            render.save_image(picture, site / _test_image(int(rows[i])))
+        figures = _edit_figures(split, labels, predicted_before, predicted_after, used_before, used_after)
+        _write_report(site, before, after, cache, grounding, figures, title=title or before.path.name, split=split,
+                      patches=patches, rows=rows, labels=labels, predicted=(predicted_before, predicted_after),
+                      shown=shown)
+    return PruneReport(out=out, index=out / "index.html", accuracy_before=figures["accuracy_before"],
+                       accuracy_after=figures["accuracy_after"], removed=removed.tolist(), changed=int(len(changed)),
+                       seconds=round(time.perf_counter() - started, 3))
+
+
+def _edit_figures(split: str, labels: np.ndarray, before: np.ndarray, after: np.ndarray, used_before: np.ndarray,
+                  used_after: np.ndarray) -> dict:
+    """The numbers of an edit (report.json): accuracy before and after, codes in use, predictions changed."""
+    return {"accuracy_before": float((before == labels).mean()), "accuracy_after": float((after == labels).mean()),
+            "split": split, "images": int(len(labels)), "codes_in_use_before": int(used_before.sum()),
+            "codes_in_use_after": int(used_after.sum()), "removed_codes": np.flatnonzero(used_before & ~used_after).tolist(),
+            "changed_predictions": int((before != after).sum()),
+            "fixed": int(((after == labels) & (before != labels)).sum()),
+            "broken": int(((before == labels) & (after != labels)).sum())}
+
+
+def _write_report(site: Path, before: Run, after: ProtoQuantHead, cache: Cache, grounding, figures: dict, *, title: str,
+                  split: str, patches: int, rows: np.ndarray, labels: np.ndarray,
+                  predicted: tuple[np.ndarray, np.ndarray], shown: np.ndarray) -> None:
+    removed = np.asarray(figures["removed_codes"], dtype=np.int64)
+    removed_mask = ~after.code_mask.cpu().numpy()
+    views = code_views(before.head, grounding, removed, patches=patches)
+    cards = [{"view": views[k], "note": "removed from the head" if removed_mask[k] else "no class weighs it any more"}
+             for k in sorted(views)]
+    ids = cache.split(split).ids
+    changed_rows = [_changed_row(ids, before.classes, int(rows[i]), int(labels[i]), int(predicted[0][i]),
+                                 int(predicted[1][i])) for i in shown.tolist()]
+    page = render.render_page("edit_report.html", title="Edit report", subtitle=[title, f"{split} split"],
+                              figures=_report_figures(figures), cards=cards, classes=before.classes,
+                              changed=changed_rows, n_changed=figures["changed_predictions"])
+    render.write_style(site)
+    render.write_text(site / "index.html", page)
+    write_json(site / "report.json", figures)
+
+
+def _test_image(row: int) -> str:
+    return f"images/test-{row:06d}.jpg"
+
+
+def _report_figures(figures: dict) -> list[tuple[str, str]]:
+    return [(f"{figures['accuracy_before']:.3f}", "accuracy before"),
+            (f"{figures['accuracy_after']:.3f}", "accuracy after"),
+            (f"{figures['codes_in_use_before']} \u2192 {figures['codes_in_use_after']}", "codes in use"),
+            (str(figures["changed_predictions"]), "predictions changed"), (str(figures["fixed"]), "fixed"),
+            (str(figures["broken"]), "broken")]
+
+
+def _changed_row(ids, classes: list[str], row: int, label: int, before: int, after: int) -> dict:
+    verdict = "fixed" if after == label else ("broken" if before == label else "still wrong")
+    image_id = str(ids[row])
+    return {"picture": _test_image(row), "id": image_id, "name": image_id.rsplit("/", 1)[-1], "truth": classes[label],
+            "before": classes[before], "after": classes[after], "verdict": verdict}
 
 
 @torch.no_grad()
@@ -152,18 +282,3 @@ def _rare_codes(head, source, min_usage: float) -> list[int]:
     if len(rare) == len(existing):
         raise ProtoquantError(f"--min-usage {min_usage} would remove every code: lower it")
     return rare
-
-
-def print_prune(result: PruneResult) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"pruned run {result.path}")
-    for column in ("", "val top-1", "test top-1 (information)", "codes in use"):
-        table.add_column(column, justify="right")
-    for name, values in (("before", result.before), ("after", result.after)):
-        test = "-" if values["test_top1"] is None else f"{values['test_top1']:.4f}"
-        table.add_row(name, f"{values['val_top1']:.4f}", test, str(values["codes_in_use"]))
-    console = Console()
-    console.print(table)
-    console.print(f"removed {len(result.removed_named)} named and {len(result.removed_by_usage)} rarely used codes")

@@ -122,3 +122,20 @@ def imagefolder_data(tmp_path: Path) -> DataTruth:
 def cub_data(tmp_path: Path) -> DataTruth:
     """A 3-class CUB-200-2011 layout (4 images per class, boxes and 4 parts) in tmp_path/cub."""
     return make_cub(tmp_path / "cub")
+
+
+@pytest.fixture(scope="session")
+def parts_store(tmp_path_factory) -> dict:
+    """The "parts" dataset of tests/test_train.py extracted once (no views) plus a 16-code codebook.
+
+    Shared by every module that needs a real cache: treat it as read-only (copy it before damaging it).
+    Returns {"root", "data", "cache", "codebook"}.
+    """
+    from stages.codebook import CodebookSettings, build_codebook
+    from tests.test_train import build_parts_cache
+
+    root = tmp_path_factory.mktemp("parts-store")
+    cache = build_parts_cache(root, views=0)
+    codebook = root / "codebook.safetensors"
+    build_codebook(cache, codebook, CodebookSettings(k=16, seed=0))
+    return {"root": root, "data": root / "data", "cache": cache, "codebook": codebook}

@@ -229,7 +229,7 @@ def test_cli_writes_and_summarises(tmp_path: Path):
     assert "classes" in result.output and "protoquant extract" in result.output
     assert len(table(out / "images.txt")) == 12
     result = runner.invoke(cli.app, ["make-birds", str(out)])  # again, without --overwrite
-    assert result.exit_code != 0 and "not empty" in str(result.exception)
+    assert result.exit_code == 2 and "not empty" in result.stderr  # one `error:` line
 
     args = ["make-birds", str(out), "--classes", "2", "--per-class", "5", "--seed", "1", "--test-fraction", "0.4"]
     result = runner.invoke(cli.app, [*args, "--overwrite", "--json"])

@@ -143,6 +143,58 @@ def test_cub_bad_line_and_missing_image_are_named(cub_data: DataTruth):
         open_dataset(cub_data.root)
 
 
+# ---- symlinks and paths that leave their place (fault probe 1g, 1g', 1g'', 9h) ------------------------
+
+
+def test_a_link_loop_inside_a_class_lists_each_image_once(imagefolder_data: DataTruth):
+    root = imagefolder_data.root
+    (root / "train/cat/loop").symlink_to(".")  # 1g: os.walk(followlinks=True) listed every image 41 times
+    (root / "train/cat/deeper").mkdir()
+    write_noise_image(root / "train/cat/deeper/extra.png", np.random.default_rng(5))
+    (root / "train/cat/deeper/back").symlink_to("..")
+    dataset = open_dataset(root)
+    ids = [r.id for r in dataset.splits["train"]]
+    assert len(ids) == len(set(ids)) == len(imagefolder_data.files["train"]) + 1
+    assert "train/cat/deeper/extra.png" in ids and not any("loop" in i or "back" in i for i in ids)
+
+
+def test_a_link_up_to_the_split_is_refused_naming_it(imagefolder_data: DataTruth):
+    (imagefolder_data.root / "train/dog/up").symlink_to("../../train")  # 1g': relabelled every image as dog
+    with pytest.raises(ProtoquantError, match=r"train/dog/up is a link to .*outside its class folder"):
+        open_dataset(imagefolder_data.root)
+
+
+def test_a_link_to_another_class_is_refused(imagefolder_data: DataTruth):
+    (imagefolder_data.root / "train/owl/cats").symlink_to("../cat")
+    with pytest.raises(ProtoquantError, match=r"train/owl/cats is a link to .*train/cat, outside its class"):
+        open_dataset(imagefolder_data.root)
+
+
+def test_links_to_files_and_to_folders_outside_data_are_followed(imagefolder_data: DataTruth, tmp_path: Path):
+    rng = np.random.default_rng(6)
+    write_noise_image(tmp_path / "store/more/a.png", rng)
+    write_noise_image(tmp_path / "store/single.png", rng)
+    (imagefolder_data.root / "train/owl/more").symlink_to(tmp_path / "store/more")
+    (imagefolder_data.root / "train/owl/single.png").symlink_to(tmp_path / "store/single.png")
+    (imagefolder_data.root / "train/owl/dangling_a").symlink_to("dangling_b")  # 1g'': a dangling loop is ignored
+    (imagefolder_data.root / "train/owl/dangling_b").symlink_to("dangling_a")
+    owl = [r.id for r in open_dataset(imagefolder_data.root).splits["train"] if r.label == 2]
+    assert owl == ["train/owl/img_000.png", "train/owl/img_001.jpg", "train/owl/img_002.png",
+                   "train/owl/more/a.png", "train/owl/single.png"]
+
+
+@pytest.mark.parametrize("path", ["ABSOLUTE", "../../outside.jpg", "001.Bird_A/../../../outside.jpg"])
+def test_cub_images_txt_may_not_point_outside_data(cub_data: DataTruth, tmp_path: Path, path: str):
+    outside = tmp_path / "outside.jpg"
+    write_noise_image(outside, np.random.default_rng(7))
+    path = str(outside) if path == "ABSOLUTE" else path
+    lines = (cub_data.root / "images.txt").read_text().splitlines()
+    lines[0] = f"1 {path}"  # 9h: read silently, its pixels then shown in the pages
+    (cub_data.root / "images.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ProtoquantError, match=r"images.txt: image 1 has path .* not inside .*images"):
+        open_dataset(cub_data.root)
+
+
 # ---- WebDataset -----------------------------------------------------------------------------------
 
 
@@ -315,7 +367,7 @@ def test_cli_shards_writes_summarises_and_refuses_a_full_dir(imagefolder_data: D
 
     result = runner.invoke(cli.app, args)
     assert result.exit_code != 0
-    assert "not empty" in str(result.exception)
+    assert result.exit_code == 2 and "not empty" in result.stderr  # one `error:` line
 
     result = runner.invoke(cli.app, [*args[:-1], "100", "--overwrite", "--json"])
     assert result.exit_code == 0, result.output

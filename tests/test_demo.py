@@ -1,8 +1,15 @@
-"""The main job end to end: `protoquant demo --quick` on real pretrained weights, and its report in Chromium."""
+"""The main job end to end: `protoquant demo --quick` on real pretrained weights, then its report in Chromium.
+
+The demo runs once per module. Everything but the page crawl runs without a browser; the crawl is
+skipped where chromium / chromedriver are absent (and fails in CI, which must have them).
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from stages.demo import QUICK, demo
 from tests.test_pages import browser, crawl  # noqa: F401  (browser is a fixture)
@@ -10,30 +17,57 @@ from tests.test_pages import browser, crawl  # noqa: F401  (browser is a fixture
 STEPS = ["make-birds", "extract", "codebook", "train", "evaluate", "gallery", "explain"]
 
 
-def test_quick_demo_runs_every_stage_then_skips_them_all(tmp_path, browser):  # noqa: F811
-    first = demo(tmp_path / "demo", quick=True, say=lambda _: None)
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> dict:
+    """The quick demo run twice into one folder: the second run must find every step done."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    first = demo(out, quick=True, say=lambda _: None)
+    second = demo(out, quick=True, say=lambda _: None)
+    return {"out": out, "first": first, "second": second}
+
+
+def _test_images(out: Path) -> int:
+    return sum(1 for line in (out / "birds" / "train_test_split.txt").open() if line.split()[1] == "0")
+
+
+def test_quick_demo_runs_every_stage_then_skips_them_all(quick_demo) -> None:
+    out, first, second = quick_demo["out"], quick_demo["first"], quick_demo["second"]
     assert first.skipped_steps == []
+    assert second.skipped_steps == STEPS                  # the backbone does not run again
     figures = first.figures
+    assert json.loads((out / "figures.json").read_text()) == figures == second.figures
+
     evaluation = figures["evaluation"]
-    assert evaluation["n"] == sum(1 for _ in (tmp_path / "demo" / "birds" / "train_test_split.txt").open()
-                                  if _.split()[1] == "0")
-    assert 0.0 <= evaluation["top1"] <= 1.0 and 0.0 <= evaluation["probe_top1"] <= 1.0
-    assert evaluation["codes_total"] == QUICK.k
-    interp = figures["interpretability"]
-    assert {"purity", "misalignment", "stability", "deletion", "grounding"} <= set(interp)
-    assert 0.0 <= interp["purity"]["mean"] <= 1.0
+    assert evaluation["n"] == _test_images(out) == QUICK.classes * 5  # make-birds keeps 5 of 16 per class for test
+    assert evaluation["codes_total"] == QUICK.k and evaluation["top5"] == 1.0  # 4 classes: top-5 is every class
+    assert evaluation["top1"] == pytest.approx(sum(evaluation["per_class"].values()) / QUICK.classes)  # 5 per class
+    assert len(evaluation["per_class"]) == QUICK.classes
 
     curve = {p["k"]: p for p in figures["top_k"]}
     assert set(curve) == {1, 2, 3, 5, 10, QUICK.k}
     assert curve[1]["local_size"] <= 1.0                  # one weight per class: one code explains a prediction
     assert curve[1]["codes_used"] <= QUICK.classes        # and at most one code per class survives
+    assert all(curve[k]["codes_used"] <= min(k * QUICK.classes, QUICK.k) for k in curve)
     assert curve[QUICK.k]["top1"] == evaluation["top1"]   # the full head is the evaluated head
 
-    report = (tmp_path / "demo" / "index.html").read_text()
+    interp = figures["interpretability"]
+    assert {"purity", "misalignment", "stability", "deletion", "grounding"} <= set(interp)
+    assert interp["grounding"]["codes"] == QUICK.k
+    assert -1.0 <= interp["grounding"]["min_cosine"] <= interp["grounding"]["mean_cosine"] <= 1.0
+
+    report = (out / "index.html").read_text()
     assert "gallery/index.html" in report and "explain/index.html" in report and "<svg" in report
-    pages = crawl(browser, tmp_path / "demo")
+    assert (out / "gallery" / "index.html").is_file() and (out / "explain" / "index.html").is_file()
+
+
+def test_quick_demo_pages_load_in_a_browser(quick_demo, browser) -> None:  # noqa: F811
+    pages = crawl(browser, quick_demo["out"])
     assert len(pages) > 3  # the report, the gallery and the explanations, all linked and loading
 
-    second = demo(tmp_path / "demo", quick=True, say=lambda _: None)
-    assert second.skipped_steps == STEPS                  # the backbone does not run again
-    assert json.loads((tmp_path / "demo" / "figures.json").read_text()) == figures
+
+@pytest.mark.xfail(strict=True, reason="the quick demo's head predicts one class for every test image (top-1 0.25 = "
+                   "chance, per class 1, 0, 0, 0; the probe gets 0.5), at 841dad3 too: QUICK trains too little")
+def test_quick_demo_head_beats_chance(quick_demo) -> None:
+    evaluation = quick_demo["first"].figures["evaluation"]
+    assert evaluation["top1"] > 1.5 / QUICK.classes
+    assert sum(1 for accuracy in evaluation["per_class"].values() if accuracy > 0) >= 2

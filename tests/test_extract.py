@@ -112,7 +112,7 @@ def test_bad_file_stops_or_is_skipped_and_listed(tmp_path):
     with pytest.raises(ProtoquantError, match="broken.jpg"):
         extract(truth.root, tmp_path / "c.zarr", backbone="test_resnet", **FAST)
     summary = extract(truth.root, tmp_path / "c.zarr", backbone="test_resnet", skip_bad=True, **FAST)
-    assert summary.skipped == ["train/train/cat/broken.jpg"]
+    assert summary.skipped == ["train/cat/broken.jpg"]            # the id: the path relative to DATA, once
     cache = Cache(tmp_path / "c.zarr")
     assert cache.attrs["skipped"] == summary.skipped
     train = cache.split("train")
@@ -144,28 +144,32 @@ def _cli(*args: str) -> list[str]:
 
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     truth = make_imagefolder(tmp_path / "data", per_class={"train": 14, "test": 6})
-    common = ["--backbone", "test_resnet", "--image-size", "64", "--workers", "0", "--batch-size", "2", "--shard-rows", "4"]
+    common = ["--backbone", "test_resnet", "--image-size", "64", "--workers", "0", "--batch-size", "2", "--shard-rows", "2"]
     reference = tmp_path / "ref.zarr"
-    extract(truth.root, reference, backbone="test_resnet", workers=0, batch_size=2, image_size=64, rows_per_shard=4)
+    extract(truth.root, reference, backbone="test_resnet", workers=0, batch_size=2, image_size=64, rows_per_shard=2)
 
     out = tmp_path / "killed.zarr"
     proc = subprocess.Popen(_cli("extract", str(truth.root), "--out", str(out), *common),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    killed = False
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        marks = list((out / "train" / "done" / "c").glob("*")) if out.exists() else []
-        if marks:  # at least one shard done, others not yet: kill hard
+        marks = (out / "train" / "done" / "c").glob("*") if out.exists() else []
+        if any(mark.stat().st_size for mark in marks):  # a shard marked done (1 byte), 29 of 30 not yet
             os.kill(proc.pid, signal.SIGKILL)
-            killed = True
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     proc.wait()
-    if killed:
-        assert not Cache(out).is_complete()
+    assert proc.returncode == -signal.SIGKILL                     # it was killed, not finished
+    killed = Cache(out)
+    done = np.concatenate([killed.split(name).done() for name in killed.splits])
+    assert 0 < done.sum() < len(done) and not killed.attrs["complete"]
+    assert (tmp_path / ".killed.zarr.lock").exists()              # the dead writer's lock, stale now
+
     result = subprocess.run(_cli("extract", str(truth.root), "--out", str(out), *common), cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert f"{int(done.sum())} shards kept from an earlier run" in " ".join(result.stdout.split())
+    assert not (tmp_path / ".killed.zarr.lock").exists()
     resumed, ref = Cache(out), Cache(reference)
     assert resumed.is_complete() and resumed.fingerprint == ref.fingerprint
     for name in ref.splits:

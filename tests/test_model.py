@@ -29,7 +29,6 @@ from pipeline.model import (
     save_head,
     save_probe,
     stage_a_loss,
-    train_probe,
 )
 
 
@@ -101,7 +100,7 @@ def test_negative_and_zero_weights_stay_dead(optimizer_name: str) -> None:
     head(torch.randn(4, 3, 3, 8, generator=seeded(1))).sum().backward()
     assert torch.equal(head.weight.grad[dead], torch.zeros(3))
     assert (head.weight.grad[~dead] != 0).all()
-    assert head.codes.grad is not None  # trainable codes get gradients in stage B
+    assert head.codes.grad.abs().sum() > 1e-6  # trainable codes get (non-zero) gradients in stage B
     optimizer.step()
     assert torch.equal(head.weight.detach()[dead], before[dead])
 
@@ -183,20 +182,6 @@ def test_stage_a_loss_by_hand_and_gradients_reach_only_codes() -> None:
     assert parts_half["dict"].item() == pytest.approx(dictionary, abs=1e-7)
 
 
-def test_train_probe_fits_separable_features_deterministically() -> None:
-    generator = seeded(0)
-    labels = torch.arange(3).repeat(40)  # (120,)
-    centers = torch.randn(3, 16, generator=generator) * 3
-    pooled = centers[labels] + torch.randn(120, 16, generator=generator)  # (N, D)
-    probe = train_probe(pooled, labels, num_classes=3, epochs=20, lr=0.05, batch_size=32, seed=1)
-    assert (probe.forward_pooled(pooled).argmax(dim=1) == labels).float().mean().item() == 1.0
-    assert not probe.training and not any(p.requires_grad for p in probe.parameters())
-    again = train_probe(pooled, labels, num_classes=3, epochs=20, lr=0.05, batch_size=32, seed=1)
-    assert torch.equal(probe.linear.weight, again.linear.weight)
-    grid = pooled[:, None, None, :].expand(120, 2, 2, 16)  # (N, D) -> (N, 2, 2, D): pools back to pooled
-    assert torch.allclose(probe(grid), probe.forward_pooled(pooled), atol=1e-5)
-
-
 # --- pruning and explanations ------------------------------------------------------------------------
 
 def test_prune_top_k_per_class_keeps_the_largest_positive_weights() -> None:
@@ -253,8 +238,11 @@ def test_head_round_trip_is_bit_exact(tmp_path: Path, train_codes: bool) -> None
 
 
 def test_probe_round_trip_and_kind_check(tmp_path: Path) -> None:
-    pooled = torch.randn(30, 6, generator=seeded(0))
-    probe = train_probe(pooled, torch.arange(30) % 2, num_classes=2, epochs=2, seed=0)
+    probe = ProbeHead(6, 2)
+    with torch.no_grad():
+        probe.linear.weight.copy_(torch.randn(2, 6, generator=seeded(1)))
+        probe.linear.bias.copy_(torch.tensor([0.5, -0.5]))
+    probe.eval().requires_grad_(False)
     save_probe(tmp_path / "probe.safetensors", probe, classes=["a", "b"], meta={"cache_fingerprint": "f00"})
     loaded, classes, meta = load_probe(tmp_path / "probe.safetensors")
     assert classes == ["a", "b"] and meta == {"cache_fingerprint": "f00"}

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -28,11 +29,12 @@ import cli
 from pipeline.grounding import GROUNDING_FILE
 from pipeline.model import codes_in_use, load_head, save_head
 from stages.codebook import CodebookSettings, build_codebook
+from stages.evaluate import MetricSettings, interpretability_metrics
 from stages.explain import ExplainSettings, explain
 from stages.extract import extract
 from stages.gallery import GallerySettings, gallery
-from stages.interpret import MetricSettings, interpretability_metrics, prune_report
 from stages.make_birds import make_birds
+from stages.prune import prune_report
 from stages.train import TrainSettings, train
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -187,7 +189,7 @@ def test_cli_gallery_and_explain(birds_run, tmp_path):
     assert (tmp_path / "e" / "image-001.html").is_file()
     result = runner.invoke(cli.app, ["explain", str(birds_run["run"]), str(tmp_path / "missing.jpg"), "--out",
                                      str(tmp_path / "e2")])
-    assert result.exit_code != 0 and "does not exist" in str(result.exception)  # cli prints it as one line
+    assert result.exit_code == 2 and "does not exist" in result.stderr  # cli prints it as one line
 
 
 def test_evaluate_hook_reports_every_metric(birds_run):
@@ -217,3 +219,149 @@ def test_cli_evaluate_with_data_and_prune_with_report(birds_run, tmp_path):
     report = json.loads(result.output)["report"]
     assert report and Path(report).is_file()
     assert set(used[:2].tolist()) <= set(json.loads((Path(report).parent / "report.json").read_text())["removed_codes"])
+
+
+# ---- hostile names: every page escapes them, and pages never overwrite the user's files ---------------------------
+
+PAYLOADS = ("<script>alert(1)</script>", "\"quotes\" & 'apos' <b>bold</b>", "AT&T &amp; <img src=x onerror=alert(2)>")
+RUN_PAYLOAD = 'xss-run-<img src=x onerror=alert(5)>&"q"'
+FILE_PAYLOADS = ("<svg onload=alert(3)>.jpg", '"><img src=x onerror=alert(8)>.jpg')
+
+
+class _Tags(HTMLParser):
+    """Every start tag (name, attributes) and all text of a page, entities decoded."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self.text.extend(value for _, value in attrs if value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def assert_escaped(page: Path, shown: tuple[str, ...]) -> None:
+    """No payload became markup on `page`, and each of `shown` reaches the reader as text."""
+    source = page.read_text(encoding="utf-8")
+    parsed = _Tags()
+    parsed.feed(source)
+    assert not [t for t, _ in parsed.tags if t == "script"], f"{page}: a <script> tag"
+    assert not [a for _, attrs in parsed.tags for a in attrs if a.startswith("on")], f"{page}: an on* handler"
+    assert not [t for t, attrs in parsed.tags if attrs.get("src") == "x"], f"{page}: an injected <img src=x>"
+    for payload in (*PAYLOADS, RUN_PAYLOAD, *FILE_PAYLOADS):
+        assert payload not in source, f"{page} holds {payload!r} unescaped"
+    text = "\n".join(parsed.text)
+    for payload in shown:
+        assert payload in text, f"{page} does not show {payload!r}"
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory) -> dict[str, Path]:
+    """A CUB-layout dataset whose classes.txt names the classes with HTML payloads, and a run on it in a
+    folder whose name is one too."""
+    from tests.conftest import make_cub
+
+    root = tmp_path_factory.mktemp("hostile")
+    truth = make_cub(root / "cub", n_classes=3, per_class=4)
+    (root / "cub" / "classes.txt").write_text("".join(f"{c + 1} {name}\n" for c, name in enumerate(PAYLOADS)))
+    extract(root / "cub", root / "cache.zarr", backbone="test_vit", image_size=64, workers=0, batch_size=16)
+    build_codebook(root / "cache.zarr", root / "codebook.safetensors", CodebookSettings(k=6))
+    run = root / RUN_PAYLOAD
+    train(root / "cache.zarr", root / "codebook.safetensors", run,
+          TrainSettings(epochs=2, probe_epochs=2, codebook_epochs=1, batch_size=8))
+    image = root / "cub" / truth.files["test"][0][0]
+    images = [root / name for name in FILE_PAYLOADS]
+    for path in images:
+        shutil.copyfile(image, path)
+    return {"root": root, "data": root / "cub", "run": run, "images": images}
+
+
+def test_every_page_escapes_class_file_and_run_names(hostile_run):
+    from stages.demo import QUICK, write_report
+
+    root, run = hostile_run["root"], hostile_run["run"]
+    gallery(run, root / "site" / "gallery", data=hostile_run["data"], settings=GallerySettings(patches=2))
+    pages = sorted((root / "site" / "gallery").glob("*.html"))
+    assert {"index.html", "classes.html", "class-000.html"} <= {p.name for p in pages}
+    for page in pages:
+        assert_escaped(page, ())
+    assert_escaped(root / "site" / "gallery" / "classes.html", PAYLOADS)  # every class listed by name
+    assert_escaped(root / "site" / "gallery" / "index.html", (f"run {RUN_PAYLOAD}",))
+
+    summary = explain(run, hostile_run["images"], root / "explain", settings=ExplainSettings(top_codes=2, patches=2))
+    assert [e.image for e in summary.explanations] == list(FILE_PAYLOADS)
+    assert_escaped(root / "explain" / "index.html", FILE_PAYLOADS)
+    for e in summary.explanations:
+        assert_escaped(root / "explain" / e.page, (e.image, e.predicted))
+        assert e.predicted in PAYLOADS
+
+    edited = root / "edited"
+    shutil.copytree(run, edited)
+    head, classes, meta = load_head(edited / "head.safetensors")
+    head.remove_codes(np.flatnonzero(codes_in_use(head).numpy())[:2])
+    save_head(edited / "head.safetensors", head, classes=classes, meta=meta)
+    prune_report(run, edited, root / "report", data=hostile_run["data"])
+    weighing = {PAYLOADS[c] for c in np.flatnonzero((load_head(run / "head.safetensors")[0].effective_weight()
+                                                     [:, np.flatnonzero(~head.code_mask.numpy())] > 0).any(dim=1))}
+    assert weighing  # the removed codes were in use, so their cards name the classes that weighed them
+    assert_escaped(root / "report" / "index.html", (RUN_PAYLOAD, *weighing))
+
+    evaluation = {"top1": 0.5, "probe_top1": 0.5, "top5": 1.0, "codes_used": 4, "codes_total": 6, "local_size": 2.0,
+                  "n": 6}
+    interp = {"purity": {"mean": 0.5, "above_0_5": PAYLOADS[0]}, "note": PAYLOADS[2]}
+    curve = [{"k": 1, "top1": 0.4, "codes_used": 3, "local_size": 1.0, "full": False},
+             {"k": 6, "top1": 0.5, "codes_used": 4, "local_size": 2.0, "full": True}]
+    report = write_report(root / "site", run, {"evaluation": evaluation, "interpretability": interp, "top_k": curve},
+                          QUICK)
+    assert_escaped(report, (PAYLOADS[0],))
+    assert (root / "site" / "style.css").read_text() == (root / "site" / "gallery" / "style.css").read_text()
+
+
+def test_pages_never_overwrite_the_users_files(hostile_run):
+    from pipeline.errors import ProtoquantError
+
+    root, run, images = hostile_run["root"], hostile_run["run"], hostile_run["images"]
+    mine = root / "my-site"
+    mine.mkdir()
+    for name in ("index.html", "style.css"):
+        (mine / name).write_text(f"the user's {name}")
+    with pytest.raises(ProtoquantError, match="did not make"):
+        gallery(run, mine, data=hostile_run["data"])
+    with pytest.raises(ProtoquantError, match="did not make"):
+        explain(run, images[:1], mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["index.html", "style.css"]
+    assert (mine / "index.html").read_text() == "the user's index.html"
+
+    site = root / "ours"
+    explain(run, images, site, settings=ExplainSettings(top_codes=2, patches=2))
+    first = json.loads((site / ".protoquant-pages.json").read_text())
+    assert "image-002.html" in first["files"] and first["kind"] == "explain"
+    (site / "notes.txt").write_text("added by the user")
+    explain(run, images[:1], site, settings=ExplainSettings(top_codes=2, patches=2))  # ours: replaced
+    assert (site / "notes.txt").read_text() == "added by the user"
+    assert not (site / "image-002.html").exists()  # the earlier run's page is gone with its listing
+    assert sorted(json.loads((site / ".protoquant-pages.json").read_text())["files"]) == sorted(
+        p.relative_to(site).as_posix() for p in site.rglob("*") if p.is_file() and p.name not in
+        (".protoquant-pages.json", "notes.txt"))
+
+
+def test_a_bad_image_leaves_nothing_written(hostile_run):
+    from pipeline.errors import ProtoquantError
+
+    root, run, images = hostile_run["root"], hostile_run["run"], hostile_run["images"]
+    truncated = root / "truncated.jpg"
+    truncated.write_bytes(images[0].read_bytes()[:200])
+    with pytest.raises(ProtoquantError, match="truncated.jpg"):
+        explain(run, [images[0], truncated], root / "fresh")
+    assert not (root / "fresh").exists()
+
+    kept = root / "kept"
+    explain(run, images[:1], kept, settings=ExplainSettings(top_codes=2, patches=2))
+    before = {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    with pytest.raises(ProtoquantError, match="truncated.jpg"):
+        explain(run, [images[1], truncated], kept)
+    assert {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before

@@ -23,7 +23,8 @@ from pipeline.data import (FeatureSource, RamRows, SourceSettings, carve_validat
                            usable_rows, view_choices)
 from pipeline.errors import ProtoquantError
 from pipeline.model import load_head
-from pipeline.training import lr_factor, work_dir_for
+from pipeline.run import work_dir_for
+from pipeline.training import lr_factor
 from stages.codebook import CodebookSettings, build_codebook
 from stages.evaluate import evaluate
 from stages.extract import extract
@@ -216,6 +217,28 @@ def test_train_learns_is_reproducible_and_writes_the_run(parts, tmp_path) -> Non
 
     test = evaluate(run, split="test", device="cpu")
     assert test.n == 32 and test.top1 >= 0.75  # chance is 0.25
+
+
+def shuffle_train_labels(data: Path, seed: int) -> None:
+    """Move every training image into a random class folder (a permutation: class counts stay the same)."""
+    files = sorted((data / "train").glob("*/*.png"))
+    targets = np.random.default_rng(seed).permutation([f.parent.name for f in files])
+    for i, (file, target) in enumerate(zip(files, targets)):
+        file.rename(data / "train" / target / f"shuffled_{i:03d}.png")
+
+
+def test_a_head_trained_on_shuffled_labels_scores_chance_on_test(tmp_path) -> None:
+    """Training labels carry no signal, test labels are true: only a leak of test labels could score well."""
+    data = tmp_path / "data"
+    make_parts_dataset(data, per_class={"train": 16, "test": 8}, corrupt=False)
+    shuffle_train_labels(data, seed=0)
+    cache, codebook = tmp_path / "cache.zarr", tmp_path / "codebook.safetensors"
+    extract(data, cache, backbone="test_resnet", image_size=64, workers=0, batch_size=32)
+    build_codebook(cache, codebook, CodebookSettings(k=16, seed=0))
+    train(cache, codebook, tmp_path / "run", FAST)
+    test = evaluate(tmp_path / "run", split="test", device="cpu")
+    # chance is 0.25 (P(top-1 > 0.5) by luck is about 3e-4); the same recipe on true labels reaches >= 0.75 above
+    assert test.n == 32 and test.top1 <= 0.5
 
 
 def test_streaming_training_matches_ram_quality(parts, tmp_path) -> None:
