@@ -340,13 +340,3 @@ def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int,
         return {"val_top1": accuracy(head, val, device=device, dist=dist), "codes_in_use": int(codes_in_use(head).sum())}
 
     return Phase(name, head, groups, loss, validate, OptimSettings(epochs, s.head_lr, s.weight_decay, s.warmup_epochs, "adamw"))
-
-
-# Temporary re-exports while the layers move (removed once every caller imports from the new modules).
-from pipeline.devices import resolve_device  # noqa: E402,F401
-from pipeline.distributed import init_distributed  # noqa: E402,F401
-from pipeline.io import iter_log, read_json, write_json, write_log  # noqa: E402,F401
-from pipeline.progress import EpochDisplay  # noqa: E402,F401
-from pipeline.run import (Run, check_run_matches_cache, finish_run_dir, open_run, open_run_and_cache,  # noqa: E402,F401
-                          prepare_run_dir, work_dir_for)
-from pipeline.model import BackboneHead, backbone_head  # noqa: E402,F401

@@ -23,11 +23,14 @@ from pipeline import render
 from pipeline.cache import Cache
 from pipeline.data import evaluation_source
 from pipeline.errors import ProtoquantError
+from pipeline.paths import check_output
 from pipeline.model import keep_top_k_per_class
 from pipeline.plots import Series, line_chart
-from pipeline.io import iter_log, write_json
+from pipeline.io import iter_log, read_json, write_json
 from pipeline.run import open_run
 
+
+STATE_FILE = "demo-state.json"  # marks a folder as a demo protoquant made: a re-run continues in it
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -72,8 +75,9 @@ class _Steps:
     """Runs named steps once: a step whose settings and outputs are recorded as done is skipped."""
 
     def __init__(self, out: Path, settings: DemoSettings, say: Callable[[str], None]):
-        self.state_path = out / "demo-state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.state_path = out / STATE_FILE
+        self.state = read_json(self.state_path, "delete it to run the demo again") if self.state_path.exists() else {}
+        write_json(self.state_path, self.state)  # written first: it marks the folder as the demo's
         self.settings = asdict(settings)
         self.say = say
         self.skipped: list[str] = []
@@ -106,6 +110,8 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     started = time.perf_counter()
     settings = QUICK if quick else FULL
     out = Path(out)
+    check_output(out, is_ours=lambda path: (path / STATE_FILE).is_file(), what="a demo folder", overwrite=False,
+                 option="--out")
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(out, settings, say)
     birds, cache, codebook, run = out / "birds", out / "birds.zarr", out / "codebook.safetensors", out / "run"

@@ -27,7 +27,7 @@ from pipeline import render
 from pipeline.cards import GROUNDING_TOP, CodeView, code_views, write_code_thumbnails
 from pipeline.grounding import Grounding, SplitImages, grounding_for_run
 from pipeline.model import ProtoQuantHead, codes_in_use
-from pipeline.training import open_run_and_cache
+from pipeline.run import open_run_and_cache
 
 
 @dataclass(frozen=True)

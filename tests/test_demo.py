@@ -71,3 +71,17 @@ def test_quick_demo_head_beats_chance(quick_demo) -> None:
     evaluation = quick_demo["first"].figures["evaluation"]
     assert evaluation["top1"] > 1.5 / QUICK.classes
     assert sum(1 for accuracy in evaluation["per_class"].values() if accuracy > 0) >= 2
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path) -> None:
+    """--out holding the user's files (an index.html of theirs) is refused before anything is written."""
+    from pipeline.errors import ProtoquantError
+    from stages.demo import demo
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("mine")
+    with pytest.raises(ProtoquantError, match="not a demo folder"):
+        demo(site, quick=True, say=lambda _: None)
+    assert sorted(p.name for p in site.iterdir()) == ["index.html"]
+    assert (site / "index.html").read_text() == "mine"
