@@ -697,6 +697,9 @@ def make_birds_cmd(
     seed: SeedOpt = 0,
     test_fraction: Annotated[float, float_option("--test-fraction", low_open=True, high=1.0, help="Share of each class's images in the test split (stratified; at least one per class).")] = 0.3,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset make-birds wrote in OUT before (refused if OUT holds other files).")] = False,
+    clutter: Annotated[int, typer.Option("--clutter", help="Difficulty: the most background clutter shapes per image (0: a clean background).")] = 12,
+    decoys: Annotated[float, float_option("--decoys", low=0.0, high=1.0, high_open=False, help="Difficulty: the share of clutter shapes painted in the attribute colours, decoys a model may learn instead of the parts.")] = 0.4,
+    bird_scale: Annotated[float, float_option("--bird-scale", low=0.3, high=1.5, high_open=False, help="Difficulty: a factor on the bird's size (1.0: it spans about 55-80% of the image; smaller birds have smaller parts).")] = 1.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Draw a procedural "birds with parts" dataset in the CUB-200-2011 layout, with part keypoints and boxes.
@@ -715,9 +718,11 @@ def make_birds_cmd(
 
     from stages.make_birds import make_birds as run_make_birds
 
+    from pipeline.birds import Difficulty
+
     summary = run_make_birds(
         out, classes=classes, per_class=per_class, size=size, seed=seed, test_fraction=test_fraction,
-        overwrite=overwrite,
+        overwrite=overwrite, difficulty=Difficulty(clutter=clutter, decoys=decoys, bird_scale=bird_scale),
     )
     if json_out:
         print_json(asdict(summary) | {"n_images": summary.n_images}, indent=2)

@@ -191,11 +191,34 @@ def _segment(p: tuple[float, float], q: tuple[float, float], half_width: float) 
     return np.array([p + n, q + n, q - n, p - n])
 
 
-def sample_nuisance(rng: np.random.Generator, size: int) -> Nuisance:
+@dataclass(frozen=True)
+class Difficulty:
+    """The knobs of make-birds; the defaults draw exactly the images earlier versions drew.
+
+    clutter: the most background shapes per image (at least min(5, clutter) are drawn; 0: none).
+    decoys: the share of clutter shapes painted in the attribute colours (the shortcut a model may learn).
+    bird_scale: a factor on the bird's size (1.0: it spans about 55-80% of the image).
+    """
+
+    clutter: int = 12
+    decoys: float = 0.4
+    bird_scale: float = 1.0
+
+    def check(self) -> None:
+        if not 0 <= self.clutter <= 100:
+            raise ProtoquantError(f"--clutter {self.clutter}: choose 0 to 100 background shapes per image")
+        if not 0.0 <= self.decoys <= 1.0:
+            raise ProtoquantError(f"--decoys {self.decoys}: choose a share between 0 and 1")
+        if not 0.3 <= self.bird_scale <= 1.5:
+            raise ProtoquantError(f"--bird-scale {self.bird_scale}: choose 0.3 to 1.5 (1.0: the bird spans "
+                                  "about 55-80% of the image)")
+
+
+def sample_nuisance(rng: np.random.Generator, size: int, difficulty: Difficulty = Difficulty()) -> Nuisance:
     """Draw pose, scale, position, shared colours, background, clutter, occluder and noise."""
     flip = bool(rng.random() < 0.5)
     angle = float(rng.uniform(-0.26, 0.26))  # +-15 degrees
-    scale = float(size * rng.uniform(0.24, 0.36))  # the bird spans ~55-80% of the image
+    scale = float(size * rng.uniform(0.24, 0.36)) * difficulty.bird_scale  # default: spans ~55-80% of the image
 
     # Place the bird: usually whole, sometimes (15%) pushed partly out of frame.
     corners = np.array([[x, y] for x in (_EXTENT[0][0], _EXTENT[1][0]) for y in (_EXTENT[0][1], _EXTENT[1][1])])
@@ -226,11 +249,11 @@ def sample_nuisance(rng: np.random.Generator, size: int) -> Nuisance:
 
     # Clutter: random polygons, ellipses and lines; some take the attribute colours as distractors.
     clutter = []
-    for _ in range(int(rng.integers(5, 13))):
+    for _ in range(int(rng.integers(min(5, difficulty.clutter), difficulty.clutter + 1))):
         kind = int(rng.integers(3))
         colour = (
             _jitter(rng, _DISTRACTORS[rng.integers(len(_DISTRACTORS))], 10)
-            if rng.random() < 0.4
+            if rng.random() < difficulty.decoys
             else tuple(int(v) for v in rng.integers(0, 256, size=3))
         )
         centre = rng.uniform(0, size, size=2)
@@ -439,6 +462,7 @@ class BirdsSummary:
     parts: tuple[str, ...]
     classes: dict[str, dict[str, str]]  # "NNN.ClassName" -> {attribute part: variant}
     one_part_pairs: tuple[tuple[str, str, str], ...]  # (class a, class b, the only part that differs)
+    difficulty: Difficulty = Difficulty()
 
     @property
     def n_images(self) -> int:
@@ -499,6 +523,7 @@ def make_birds(
     seed: int = 0,
     test_fraction: float = 0.3,
     overwrite: bool = False,
+    difficulty: Difficulty = Difficulty(),
 ) -> BirdsSummary:
     """Draw classes x per_class birds of size x size pixels into OUT, in the CUB-200-2011 layout.
 
@@ -508,6 +533,7 @@ def make_birds(
     """
     out = Path(out)
     _check_options(classes, per_class, size, seed, test_fraction)
+    difficulty.check()
     _prepare_out(out, overwrite)
 
     attributes = design_classes(classes)
@@ -525,7 +551,7 @@ def make_birds(
         test = set(split_rng.permutation(per_class)[:n_test].tolist())
         for j in range(per_class):
             image_id += 1
-            scene = render_bird(attrs, sample_nuisance(image_rng(seed, c, j), size))
+            scene = render_bird(attrs, sample_nuisance(image_rng(seed, c, j), size, difficulty))
             file = f"{name.split('.', 1)[1]}_{j + 1:04d}.jpg"
             Image.fromarray(scene.image).save(folder / file, quality=JPEG_QUALITY, subsampling=0)
             lines["images"].append(f"{image_id} {name}/{file}")
@@ -553,7 +579,7 @@ def make_birds(
         (out / rel).write_text("\n".join(rows) + "\n", encoding="utf-8")
     summary = BirdsSummary(
         out=out, n_classes=classes, n_train=classes * (per_class - n_test), n_test=classes * n_test,
-        size=size, seed=seed, parts=PARTS, classes=class_attrs, one_part_pairs=tuple(pairs),
+        size=size, seed=seed, parts=PARTS, classes=class_attrs, one_part_pairs=tuple(pairs), difficulty=difficulty,
     )  # fmt: skip
     (out / "README.txt").write_text(readme(summary), encoding="utf-8")
     return summary
@@ -588,9 +614,10 @@ def readme(summary: BirdsSummary) -> str:
         "Shared by every class (random in every image, so they tell nothing about the class): body,",
         "head, tail and leg colours (the body from a palette of browns, greys, olive and tan, jittered),",
         "body and head proportions, left/right facing, rotation (+-15 degrees), scale, position (15% of",
-        "birds partly out of frame), background gradient, texture and clutter (40% of clutter shapes",
-        "take an attribute colour as a distractor), a perch, a leaf or twig in front of the bird (20%),",
-        "and pixel noise.",
+        "birds partly out of frame), background gradient, texture and clutter, a perch, a leaf or twig",
+        "in front of the bird (20%), and pixel noise.",
+        f"Difficulty: up to {s.difficulty.clutter} clutter shapes per image, {s.difficulty.decoys:.0%} of them in an",
+        f"attribute colour as a distractor (--clutter, --decoys); bird size x{s.difficulty.bird_scale:g} (--bird-scale).",
         "",
         "Classes (classes.txt, class_attributes.txt)",
         "-------------------------------------------",

@@ -274,3 +274,22 @@ def test_cli_error_is_one_line(tmp_path: Path):
     assert run.returncode == 2, run.stderr
     assert run.stderr.startswith("error: --classes 999") and "243" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_difficulty_knobs_change_only_what_they_name() -> None:
+    """clutter 0 draws no clutter, decoys 1 paints every shape in an attribute colour, bird_scale scales the
+    bird by exactly that factor; the default knobs draw the same scene as calling without them."""
+    from pipeline.birds import _DISTRACTORS, Difficulty, image_rng, sample_nuisance
+
+    plain = sample_nuisance(image_rng(3, 0, 0), 96)
+    default = sample_nuisance(image_rng(3, 0, 0), 96, Difficulty())
+    assert plain.scale == default.scale and np.array_equal(plain.noise, default.noise)
+    assert len(plain.clutter) == len(default.clutter) >= 5
+    assert sample_nuisance(image_rng(3, 0, 0), 96, Difficulty(clutter=0)).clutter == ()
+    decoyed = sample_nuisance(image_rng(3, 0, 0), 96, Difficulty(decoys=1.0))
+    distance = [min(np.abs(np.subtract(colour, d)).max() for d in _DISTRACTORS) for colour, _ in decoyed.clutter]
+    assert max(distance) <= 10  # jittered by at most 10 per channel
+    small = sample_nuisance(image_rng(3, 0, 0), 96, Difficulty(bird_scale=0.5))
+    assert small.scale == pytest.approx(plain.scale * 0.5)
+    with pytest.raises(ProtoquantError, match="--decoys"):
+        Difficulty(decoys=1.5).check()
