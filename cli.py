@@ -31,8 +31,8 @@ out_console = Console()             # results
 console = Console(stderr=True)      # progress, hints, notes and errors
 
 # The order of `protoquant --help`: the order of the pipeline.
-PIPELINE_ORDER = ("demo", "make-birds", "shards", "extract", "info", "codebook", "train", "evaluate", "predict",
-                  "explain", "gallery", "prune")
+PIPELINE_ORDER = ("demo", "make-birds", "shards", "extract", "info", "codebook", "train", "sweep", "evaluate",
+                  "predict", "explain", "gallery", "prune")
 
 
 def print_error(message: str) -> None:
@@ -276,6 +276,14 @@ def recorded_train_options(path: Path) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def _sparsity_method(value: str) -> str:
+    from pipeline.training import SPARSITY_METHODS
+
+    if value not in SPARSITY_METHODS:
+        raise typer.BadParameter(f"got {value!r}; choose one of {', '.join(SPARSITY_METHODS)}")
+    return value
+
+
 @app.command(rich_help_panel="Stages")
 def train(
     cache: CacheArg,
@@ -297,6 +305,12 @@ def train(
     tau: Annotated[float, float_option("--tau", low_open=True, hint=" (e.g. 0.1; smaller is closer to hard assignment)", help="Temperature of the softmax over codes (stage B; > 0).")] = 0.1,
     train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (stay on real patches; see grounding in metrics.json).")] = True,
     l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 0.0,
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit.")] = True,
+    sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the sparsest head within --sparsity-tolerance of the best validation top-1; topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
+    sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
+    sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of W-only fine-tuning after a topk cut, or after the push with --sparsity none.")] = 20,
+    sweep_sparsity: Annotated[bool, typer.Option("--sweep-sparsity", help="Also print the whole accuracy-vs-size curve of the path (always recorded in RUN/metrics.json and plotted in RUN/sparsity.svg).")] = False,
     mixup: Annotated[float, float_option("--mixup", hint=" (0 turns it off)", help="Feature-space mixup Beta(a, a) for probe and head (0 = off).")] = 0.0,
     val_fraction: Annotated[float, float_option("--val-fraction", low_open=True, high=1.0, hint=": the held-out share picks each phase's best epoch, so it cannot be empty (e.g. 0.1)", help="Share of each class's training images held out to pick the best epoch, in (0, 1) (seeded; test is never used).")] = 0.1,
     seed: SeedOpt = 0,
@@ -324,7 +338,8 @@ def train(
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dict_weight=dict_weight, tau=tau,
         train_codes=train_codes, l1=l1, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
-        use_views=views, use_backbone_head=use_backbone_head, device=device,
+        use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
+        sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
     )
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)
@@ -336,11 +351,117 @@ def train(
     if json_out:
         print_json({"path": str(result.path), "resumed": result.resumed, **result.metrics})
         return
+    if sweep_sparsity:
+        _print_sparsity_curve(result.metrics["sparsity"], result.path)
     val = result.metrics["val_top1"]
+    size, grounding = result.metrics["sparsity"]["local_size"], result.metrics["grounding"]
     out_console.print(f"validation top-1: probe {val['probe']:.3f}, quantized probe {val['quantized_probe']:.3f}, "
                       f"ProtoQuant head {val['head']:.3f}; {result.metrics['codes_in_use']} of {result.metrics['k']} "
-                      f"codes in use; {result.metrics['seconds']:.0f} s -> {result.path}", highlight=False, soft_wrap=True)
+                      f"codes in use; {size['mean']:.1f} weights > 0.1 per class (max {size['max']}); grounding "
+                      f"{grounding['mean_max_cosine_in_use']:.3f}; {result.metrics['seconds']:.0f} s -> {result.path}",
+                      highlight=False, soft_wrap=True)
     console.print(f"Next: protoquant evaluate {result.path}", highlight=False, soft_wrap=True)
+
+
+# ---- sweep: many heads per pass ----
+
+def _number_list(kind: type, rule: Callable | None = None) -> Callable:
+    """A typer callback: '0,1,2' -> (0, 1, 2); each value must parse as `kind` and pass `rule`."""
+
+    def parse(text: str) -> tuple:
+        values = []
+        for part in text.split(","):
+            try:
+                values.append(kind(part.strip()))
+            except ValueError:
+                raise typer.BadParameter(f"{part.strip()!r} in {text!r} is not a {kind.__name__}: write a comma-"
+                                         f"separated list such as {'0,1,2' if kind is int else '0,0.001'}") from None
+            if rule is not None:
+                rule(values[-1])
+        return tuple(values)
+
+    return parse
+
+
+@app.command(rich_help_panel="Stages")
+def sweep(
+    cache: CacheArg,
+    codebook: Annotated[list[Path], typer.Option("--codebook", "-c", help="A codebook made from this cache; pass it several times to compare codebooks (each fixes a K).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The sweep folder to write: one run directory per head, index.html, sweep.json.")],
+    seeds: Annotated[str, typer.Option("--seeds", callback=_number_list(int), help="Comma-separated seeds, e.g. 0,1,2 (each seed: its own validation split, probe and initialisation).")] = "0",
+    l1: Annotated[str, typer.Option("--l1", callback=_number_list(float, number_rule()), help="Comma-separated L1 penalties on relu(W), e.g. 0,0.001.")] = "0",
+    tau: Annotated[str, typer.Option("--tau", callback=_number_list(float, number_rule(low_open=True)), help="Comma-separated temperatures of the softmax over codes, e.g. 0.05,0.1.")] = "0.1",
+    epochs: Annotated[int, typer.Option("--epochs", min=0, help="Epochs of the interpretable head (stage B).")] = 40,
+    probe_epochs: Annotated[int, typer.Option("--probe-epochs", min=0, help="Epochs of the linear probe.")] = 30,
+    codebook_epochs: Annotated[int, typer.Option("--codebook-epochs", min=0, help="Epochs of codebook learning (stage A; 0 keeps the k-means codes).")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 128,
+    probe_lr: Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")] = 1e-3,
+    codebook_lr: Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A.")] = 5e-4,
+    head_lr: Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W.")] = 3e-2,
+    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate.")] = 0.015,
+    weight_decay: Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")] = 1e-4,
+    label_smoothing: Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")] = 0.1,
+    train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too, or keeps the stage A codes.")] = True,
+    val_fraction: Annotated[float, float_option("--val-fraction", low_open=True, high=1.0, hint=" (e.g. 0.1)", help="Share of each class's training images held out to pick the best epoch, in (0, 1).")] = 0.1,
+    max_memory: Annotated[str, typer.Option("--max-memory", help="RAM budget for the training split, e.g. 2GB; above it the split is streamed, each chunk read once for all heads (0 = always stream).")] = "auto",
+    views: Annotated[bool, typer.Option("--views/--no-views", help="Use the cache's augmented views when it holds some.")] = True,
+    device: DeviceOpt = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped sweep of the same command from its last finished epoch.")] = False,
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train many heads in ONE pass over the cache per epoch: every codebook x seed x --l1 x --tau.
+
+    Each block of the cache is read once and every head steps on it; heads of one seed share the probe, heads of one seed and codebook share stage A. Writes SWEEP/<name>/ (ordinary run directories: evaluate, gallery, explain and prune take them), SWEEP/index.html (table and accuracy-vs-size plot) and SWEEP/sweep.json. Every option not listed here is train's default. Interrupted? Add --resume.
+
+    Before: [bold]protoquant codebook[/] (one per K). Next: [bold]protoquant evaluate SWEEP/<name>[/].
+
+    Example: protoquant sweep birds.zarr -c k128.safetensors -c k256.safetensors --seeds 0,1 --l1 0,0.002 --out sweep/
+    """
+    from stages.sweep import SweepGrid, sweep as run_sweep
+    from pipeline.training import TrainSettings
+
+    settings = TrainSettings(
+        epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
+        probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
+        label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction, max_memory=max_memory,
+        use_views=views, device=device)
+    say = None if json_out else (lambda line: console.print(line, highlight=False))
+    result = run_sweep(cache, codebook, out, settings, SweepGrid(seeds=seeds, l1=l1, tau=tau), resume=resume,
+                       overwrite=overwrite, progress=say)
+    if json_out:
+        print_json({"path": str(result.path), "resumed": result.resumed, "seconds": result.seconds, "heads": result.rows})
+        return
+    _print_sweep(result)
+    console.print(f"Next: open {result.index}, or protoquant evaluate {result.path / result.rows[0]['name']}",
+                  highlight=False, soft_wrap=True)
+
+
+def _print_sweep(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=Text(f"{len(result.rows)} heads in {result.seconds:.0f} s -> {result.path}"))
+    for name in ("run", "top-1", "probe", "local size", "codes", "train s"):
+        table.add_column(name, justify="left" if name == "run" else "right")
+    for row in result.rows:
+        table.add_row(Text(row["name"]), f"{row['top1']:.3f}", f"{row['probe_top1']:.3f}", f"{row['local_size']:.1f}",
+                      str(row["codes_in_use"]), f"{row['train_seconds']:.1f}")
+    out_console.print(table)
+
+
+def _print_sparsity_curve(sparsity: dict, run: Path) -> None:
+    """The elastic-net path as a table on stdout, the chosen point marked."""
+    curve = sparsity.get("curve")
+    if not curve:
+        console.print(f"note: --sweep-sparsity: this run used --sparsity {sparsity.get('method')}, which has no path "
+                      "to print (use --sparsity path)", highlight=False, soft_wrap=True)
+        return
+    out_console.print("penalty     val top-1  weights>0.1/class  max/class  codes", highlight=False)
+    for i, p in enumerate(curve):
+        mark = "  <- chosen" if i == sparsity.get("chosen_index") else ""
+        out_console.print(f"{p['penalty']:<11.4g} {p['val_top1']:<10.3f} {p['local_size']:<18.1f} "
+                          f"{p['max_class_size']:<10d} {p['codes_in_use']}{mark}", highlight=False)
+    out_console.print(f"rule: {sparsity['rule']}; plot: {run / 'sparsity.svg'}", highlight=False, soft_wrap=True)
 
 
 # ---- evaluate a run ----
@@ -353,13 +474,13 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
     weights: WeightsOpt = None,
     device: DeviceOpt = "auto",
-    data: Annotated[Optional[Path], typer.Option("--data", help="The dataset's images: adds grounding, purity (needs part keypoints), misalignment, stability and deletion.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="The dataset's images: adds grounding, purity and purity_strict (need part keypoints), evidence_on_defining_parts (needs class_attributes.txt), misalignment, stability and deletion.")] = None,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="With --data: test images run through the backbone for misalignment, stability and deletion.")] = 32,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a run on a split of its cache: top-1, top-5, per-class accuracy, and what interpretability costs.
 
-    Reads RUN and CACHE. Prints the probe's top-1 on the same split beside the head's, codes in use, the mean local explanation size (codes contributing more than 1e-3 of the predicted logit) and the sparsity of W. --json prints one object (top1, top5, probe_top1, n, codes_used, local_size, per_class, ...; fractions, not percentages). With --data DATA it adds grounding, purity, misalignment, stability and deletion. Writes nothing (the grounding is cached in RUN).
+    Reads RUN and CACHE. Prints the probe's top-1 on the same split beside the head's, codes in use, the local explanation size under both published definitions (local_size_weights_above_0_1: per class, weights relu(W) > 0.1, the ProtoQuant authors'; local_size_pipnet: per image, codes with presence >= 0.1 contributing > 1e-3 to the predicted class) and the sparsity of W. --json prints one object (top1, top5, probe_top1, n, codes_used, local_size_weights_above_0_1, local_size_pipnet, per_class, ...; fractions, not percentages). With --data DATA it adds grounding, purity (the PIP-Net protocol) and purity_strict, evidence_on_defining_parts (when the dataset says which parts define each class), misalignment, stability and deletion. Writes nothing (the grounding is cached in RUN).
 
     Before: [bold]protoquant train[/]. Next: [bold]protoquant prune RUN --out RUN2[/] or [bold]protoquant predict RUN IMAGE...[/].
 
@@ -390,7 +511,8 @@ def _print_evaluation(result, run_path: Path) -> None:
         ("probe top-1 (reference)", f"{result.probe_top1:.4f}"),
         ("probe minus ProtoQuant", f"{result.probe_top1 - result.top1:+.4f}"),
         ("codes in use", f"{result.codes_used} / {result.codes_total}"),
-        ("mean local explanation size", f"{result.local_size:.2f} codes"),
+        ("local size: weights > 0.1 per class", f"{result.local_size_weights_above_0_1:.2f} codes"),
+        ("local size: PIP-Net, per image", f"{result.local_size_pipnet:.2f} codes"),
         ("sparsity of W", f"{result.w_sparsity:.3f}"),
     ]
     if result.skipped:
@@ -457,7 +579,8 @@ def prune(
     run: RunArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="The new run directory to write.")],
     min_usage: Annotated[float, float_option("--min-usage", high=1.0, high_open=False, hint=" (a fraction of the patches; e.g. 0.001)", help="Remove codes chosen by fewer than this fraction of the TRAINING patches (argmax by cosine; e.g. 0.001).")] = 0.0,
-    top_k_per_class: Annotated[Optional[int], typer.Option("--top-k-per-class", min=1, help="Keep each class's K largest weights, zero the rest.")] = None,
+    top_k_per_class: Annotated[Optional[int], typer.Option("--top-k-per-class", min=1, help="Keep each class's K largest weights and zero the rest; every code stays in the softmax over codes (the paper's interpretability/accuracy curve: no retraining needed).")] = None,
+    drop_unused: Annotated[bool, typer.Option("--drop-unused", help="Then remove the codes no class uses from the head (out of the softmax over codes, so every other presence renormalises). With --top-k-per-class and --finetune-epochs: the paper's stage 2b.")] = False,
     drop_codes: Annotated[Optional[str], typer.Option("--drop-codes", help="Remove these codes everywhere (editing), e.g. 3,17.")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Then fine-tune the head this many epochs (zeroed weights stay zero).")] = 0,
     cache: RunCacheOpt = None,
@@ -469,21 +592,27 @@ def prune(
 ) -> None:
     """Prune or edit a run's head, optionally fine-tune it, and write the result as a new run.
 
-    Reads RUN and its CACHE (train split: usage is counted on training and validation rows, never test). Removes named codes, then rarely used ones, then keeps the top-k weights per class, then fine-tunes. Prints validation (and, for information, test) top-1 and codes in use before and after. Writes RUN2 like a trained run.
+    Reads RUN and its CACHE (train split: usage is counted on training and validation rows, never test). Removes named codes, then rarely used ones, then keeps the top-k weights per class, then (--drop-unused) removes the codes no class uses, then fine-tunes. Prints validation (and, for information, test) top-1 and codes in use before and after. Writes RUN2 like a trained run.
 
     Before: [bold]protoquant train[/]. Next: [bold]protoquant evaluate RUN2[/].
 
-    Example: protoquant prune run/ --out run-k5/ --top-k-per-class 5 --finetune-epochs 5
+    Example: protoquant prune run/ --out run-k5/ --top-k-per-class 5   (the curve's point k = 5)
+    Example: protoquant prune run/ --out run-2b/ --top-k-per-class 5 --drop-unused --finetune-epochs 5   (stage 2b)
     """
     from stages.prune import PruneSettings, parse_codes, prune as run_prune
 
     settings = PruneSettings(min_usage=min_usage, top_k_per_class=top_k_per_class, drop_codes=parse_codes(drop_codes),
-                             finetune_epochs=finetune_epochs)
+                             finetune_epochs=finetune_epochs, drop_unused=drop_unused)
+    if drop_unused and finetune_epochs == 0:
+        console.print(Text.assemble(("note: ", "yellow"), "--drop-unused without --finetune-epochs: removing codes "
+                                    "renormalises every other presence, so the head is scored on values it was not "
+                                    "trained on (the paper removes them only before fine-tuning)"), soft_wrap=True)
     result = run_prune(run, out, settings, cache=cache, device=device, overwrite=overwrite, progress=not json_out,
                        report=report, data=data)
     if json_out:
         print_json({"path": str(result.path), "before": result.before, "after": result.after,
                     "removed_named": result.removed_named, "removed_by_usage": result.removed_by_usage,
+                    "removed_unused": result.removed_unused,
                     "report": str(result.report) if result.report else None})
         return
     _print_prune(result)
@@ -503,7 +632,8 @@ def _print_prune(result) -> None:
         test = "-" if values["test_top1"] is None else f"{values['test_top1']:.4f}"
         table.add_row(name, f"{values['val_top1']:.4f}", test, str(values["codes_in_use"]))
     out_console.print(table)
-    out_console.print(f"removed {len(result.removed_named)} named and {len(result.removed_by_usage)} rarely used codes")
+    out_console.print(f"removed {len(result.removed_named)} named, {len(result.removed_by_usage)} rarely used and "
+                      f"{len(result.removed_unused)} unused codes")
 
 
 # ---- stage 1: extract, info ----
@@ -521,10 +651,13 @@ def extract(
     device: DeviceOpt = "auto",
     views: Annotated[int, typer.Option("--views", min=0, help="Also cache N augmented views (random resized crop + flip, seeded) of each TRAINING image.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip corrupt or truncated images (listed in the store and the summary) instead of stopping.")] = False,
-    crop_to_box: Annotated[bool, typer.Option("--crop-to-box", help="CUB layout: crop each image to its bird box first, as the paper does for CUB.")] = False,
+    crop_to_box: Annotated[bool, typer.Option("--crop-to-box", help="CUB layout: crop each image to its bird box first, then resize the box to the input size with nothing cut (squash, crop-pct 1.0), as the paper does for CUB.")] = False,
     overwrite: OverwriteOpt = False,
     shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", min=1, help="Images per shard, the unit of work and of resume (default: 8 chunks of <=16 MiB).")] = None,
     kind: Annotated[str, typer.Option("--kind", help="Dataset layout: auto (detect), imagefolder, cub or wds.")] = "auto",
+    layers: Annotated[str, typer.Option("--layers", help="Which feature map(s) form the grid: 'final' (forward_features, the default), feature stages of timm's forward_intermediates by index (negative from the end) or by stride (s16 = the deepest stride-16 stage), several comma-separated (concatenated on the finest grid, coarser maps upsampled), or 'auto' (the family's measured default). A finer grid costs more: see `protoquant info`.")] = "final",
+    crop_pct: Annotated[Optional[float], float_option("--crop-pct", help="timm's crop_pct: resize to S / crop_pct, then centre-crop S (1.0 keeps everything; default: the model's data config, or 1.0 with --crop-to-box).", low=0.0, low_open=True, high=1.0, high_open=False)] = None,
+    crop_mode: Annotated[Optional[str], typer.Option("--crop-mode", help="timm's crop_mode: center (shorter side resized, aspect kept), squash (both sides resized, aspect not kept) or border (longer side resized, padded). Default: the model's data config, or squash with --crop-to-box (the paper's CUB transform).")] = None,
 ) -> None:
     """Run a frozen backbone ONCE over every split of DATA and cache the patch-embedding grids.
 
@@ -540,6 +673,7 @@ def extract(
         data, out, backbone=backbone, pretrained=pretrained, weights=weights, image_size=image_size,
         batch_size=batch_size, workers=workers, device=concrete_device(device), views=views, skip_bad=skip_bad,
         crop_to_box=crop_to_box, overwrite=overwrite, rows_per_shard=shard_rows, kind=kind, progress=True,
+        layers=layers, crop_pct=crop_pct, crop_mode=crop_mode,
     )
     if is_rank_zero():
         _print_extract_summary(summary)
@@ -597,6 +731,7 @@ def _print_description(d: dict) -> None:
                                     f"  weights {prov['weights']}  grid {prov['grid'][0]}x{prov['grid'][1]}  "
                                     f"dim {prov['dim']}  input {prov['data_config']['input_size'][-1]} px  "
                                     f"timm {prov['timm_version']}"), soft_wrap=True)
+    out_console.print(Text(_grid_cost_line(d["grid_cost"], prov)), soft_wrap=True)
     out_console.print(Text(f"source {d['source']['kind']}: {d['source']['path']}"), soft_wrap=True)
     names = d["classes"]
     out_console.print(Text(f"{len(names)} classes: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"),
@@ -607,6 +742,16 @@ def _print_description(d: dict) -> None:
                       f"{split['shards_done']}/{split['shards']}", str(split["skipped"]), f"{split['gigabytes']:.3f}",
                       ", ".join(split["annotations"]) or "-")
     out_console.print(table)
+
+
+def _grid_cost_line(cost: dict, prov: dict) -> str:
+    """`layers 3,final (14x14x112 + 7x7x1280)  crop center 0.875: 196 cells x 1392 dims = 546 kB per image ...`"""
+    config = prov["data_config"]
+    maps = " + ".join("x".join(map(str, shape)) for shape in cost["layer_shapes"])
+    return (f"layers {','.join(map(str, cost['layers']))} ({maps})  crop {config.get('crop_mode') or 'center'} "
+            f"{config.get('crop_pct')}: {cost['cells']} cells x {cost['dim']} dims = "
+            f"{cost['bytes_per_image'] / 1e3:.1f} kB per image (float16), {cost['gigabytes']:.3f} GB for "
+            f"{cost['images']} images and views; head training time grows with the cells")
 
 
 def _is_run(path: Path) -> bool:

@@ -1,29 +1,44 @@
-"""Reading the cache: training batches/s from the Zarr store vs from a raw numpy memmap of the same array.
+"""Reading the cache: protoquant's read path vs a numpy memmap of the same array, warm and cold.
 
-Both read the same random, chunk-aligned blocks (the streaming trainer's access pattern: whole chunks
-in a shuffled order) and whole-split loads. The memmap is the floor a hand-rolled .npy cache would
-give; the ratio shows what Zarr's format (metadata, shards, object stores) costs.
+Contenders, all on the same float16 array, in one run:
+- protoquant: CacheSplit.read_features / load (plain shards read straight from their files in a thread
+  pool, every block checked: rows marked extracted must be finite);
+- zarr: the same store through zarr-python's own reader (default codec pipeline), and through the
+  `zarrs` Rust codec pipeline when it is installed (`pip install -e .[fast-zarr]`);
+- numpy memmap of a .npy file: the floor a hand-rolled cache gives;
+- cold: the files' pages dropped first (posix_fadvise DONTNEED), against a plain sequential `readinto`
+  of the same shard files, the physical limit of this disk.
+Shuffled blocks are whole inner chunks in a random order (the streaming trainer's access pattern), each
+converted to float32 as a trainer does; "prefetched" reads the next blocks in the background meanwhile.
 
-    python bench/cache_read.py [--images 4096] [--grid 7] [--dim 768]
+    python bench/cache_read.py [--images 4096] [--grid 7] [--dim 768] [--write-results]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cache import Cache, SplitPlan, create_cache  # noqa: E402
+import zarr  # noqa: E402
+
+from pipeline.cache import Cache, SplitPlan, create_cache, write_shard  # noqa: E402
+from pipeline.rawshards import read_pool  # noqa: E402
+
+TITLE = "Reading the cache vs a numpy memmap"  # the section bench/run_all.py writes too
 
 
-def build(root: Path, n: int, grid: int, dim: int) -> tuple[Cache, np.memmap]:
-    """The same float16 array written once into a protoquant cache and once as a .npy memmap."""
+def build(root: Path, n: int, grid: int, dim: int) -> tuple[Cache, Path]:
+    """The same float16 array written once into a protoquant cache (shard by shard, marked done) and once
+    as a .npy file; both synced to disk so their pages can be dropped."""
     rng = np.random.default_rng(0)
     plan = SplitPlan(ids=[f"img{i}" for i in range(n)], labels=rng.integers(0, 10, n).astype(np.int32))
     cache = create_cache(root / "cache.zarr", settings={"bench": True}, attrs={"classes": [str(i) for i in range(10)]},
@@ -33,23 +48,155 @@ def build(root: Path, n: int, grid: int, dim: int) -> tuple[Cache, np.memmap]:
     for shard in range(split.layout.n_shards):
         rows = split.layout.shard_rows(shard)
         block = rng.standard_normal((len(rows), grid, grid, dim), dtype=np.float32).astype(np.float16)
-        split.features[rows.start:rows.stop] = block
+        write_shard(split.group, split.directory, shard, rows, {
+            "features": block, "ok": np.ones(len(rows), np.uint8), "image_size": np.full((len(rows), 2), 64, np.int32)})
         mm[rows.start:rows.stop] = block
     mm.flush()
-    return cache, np.load(root / "features.npy", mmap_mode="r")
+    del mm
+    _fsync(root / "features.npy")
+    return Cache(root / "cache.zarr"), root / "features.npy"
 
 
-def shuffled_blocks(n: int, rows: int, seed: int) -> list[int]:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def drop_pages(paths: list[Path]) -> None:
+    """Ask the kernel to forget the cached pages of these (synced) files: the next read comes from disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def shard_files(cache: Cache) -> list[Path]:
+    split = cache.split("train")
+    return [split.shard_file("features", s) for s in range(split.layout.n_shards)]
+
+
+def sequential_readinto(paths: list[Path]) -> np.ndarray:
+    """Every byte of the files, one after the other, with plain readinto into one buffer."""
+    out = np.empty(sum(p.stat().st_size for p in paths), dtype=np.uint8)
+    view, at = memoryview(out), 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as fh:
+            while True:
+                got = fh.readinto(view[at:at + (64 << 20)])
+                if not got:
+                    break
+                at += got
+    return out
+
+
+def shuffled_blocks(n: int, rows: int, seed: int) -> list[tuple[int, int]]:
     starts = list(range(0, n, rows))
     np.random.default_rng(seed).shuffle(starts)
-    return starts
+    return [(s, min(s + rows, n)) for s in starts]
 
 
-def time_blocks(read, starts: list[int], rows: int) -> float:
+def time_blocks(read, blocks: list[tuple[int, int]]) -> float:
     begin = time.perf_counter()
-    for start in starts:
-        np.asarray(read(start, start + rows)).astype(np.float32)  # what a trainer does with a block
+    for start, stop in blocks:
+        np.asarray(read(start, stop)).astype(np.float32)  # what a trainer does with a block
     return time.perf_counter() - begin
+
+
+def time_prefetched(read, blocks: list[tuple[int, int]], ahead: int = 2) -> float:
+    """The same blocks, the next `ahead` read in the background while this one is converted."""
+    begin = time.perf_counter()
+    pending: deque = deque()
+    for start, stop in blocks:
+        pending.append(read_pool().submit(read, start, stop))
+        if len(pending) > ahead:
+            pending.popleft().result().astype(np.float32)
+    while pending:
+        pending.popleft().result().astype(np.float32)
+    return time.perf_counter() - begin
+
+
+def timed(fn) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+def zarrs_array(cache: Cache):
+    """The features array opened with the zarrs codec pipeline, or None when zarrs is not installed."""
+    try:
+        import zarrs  # noqa: F401
+    except ImportError:
+        return None
+    with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}):
+        return zarr.open_array(str(cache.path / "train" / "features"), mode="r")
+
+
+def measure(cache: Cache, npy: Path, repeats: int) -> dict[str, list[float]]:
+    split = cache.split("train")
+    mm = np.load(npy, mmap_mode="r")
+    fast = zarrs_array(cache)
+    files = shard_files(cache)
+    times: dict[str, list[float]] = {}
+
+    def record(name: str, seconds: float) -> None:
+        times.setdefault(name, []).append(seconds)
+
+    for repeat in range(repeats):
+        blocks = shuffled_blocks(split.n, split.layout.rows_per_chunk, repeat)
+        split.load(), np.array(mm)  # warm the page cache
+        record("blocks protoquant", time_blocks(split.read_features, blocks))
+        record("blocks protoquant prefetched", time_prefetched(split.read_features, blocks))
+        record("blocks zarr", time_blocks(lambda a, b: split.features[a:b], blocks))
+        if fast is not None:
+            record("blocks zarrs", time_blocks(lambda a, b: fast[a:b], blocks))
+        record("blocks memmap", time_blocks(lambda a, b: mm[a:b], blocks))
+        record("load protoquant", timed(split.load))
+        record("load zarr", timed(lambda: split.features[:]))
+        if fast is not None:
+            record("load zarrs", timed(lambda: fast[:]))
+        record("load memmap", timed(lambda: np.array(mm)))
+        for name, fn in (("cold protoquant", split.load), ("cold readinto", lambda: sequential_readinto(files)),
+                         ("cold memmap", lambda: np.array(np.load(npy, mmap_mode="r")))):
+            del mm  # a mapped page is never dropped: unmap first
+            drop_pages(files + [npy])
+            record(name, timed(fn))
+            mm = np.load(npy, mmap_mode="r")
+    return times
+
+
+def report(times: dict[str, list[float]], args, rows: int, gb: float) -> str:
+    best = {name: min(values) for name, values in times.items()}
+    n_blocks = -(-args.images // rows)
+    lines = [f"cache reads: {args.images} x {args.grid}x{args.grid}x{args.dim} float16 ({gb:.2f} GB), blocks of {rows} "
+             f"images (one inner chunk), shuffled, best of {args.repeats}; {os.cpu_count()} cores",
+             "| reader | shuffled blocks/s (warm) | images/s | whole split GB/s (warm) | cold GB/s |", "|---|---|---|---|---|"]
+    for label, key in (("protoquant cache (raw shard reads + checks)", "protoquant"),
+                       ("  same, next blocks prefetched", "protoquant prefetched"), ("zarr-python 3.1 reader", "zarr"),
+                       ("zarrs codec pipeline", "zarrs"), ("numpy memmap (.npy)", "memmap"), ("sequential readinto", "readinto")):
+        block, load, cold = best.get(f"blocks {key}"), best.get(f"load {key}"), best.get(f"cold {key}")
+        if block is None and load is None and cold is None:
+            continue
+        cells = [f"{n_blocks / block:.1f}" if block else "", f"{args.images / block:,.0f}" if block else "",
+                 f"{gb / load:.2f}" if load else "", f"{gb / cold:.2f}" if cold else ""]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    memmap_blocks, memmap_load = best["blocks memmap"], best["load memmap"]
+    lines.append(f"ratio protoquant / memmap: shuffled blocks {memmap_blocks / best['blocks protoquant']:.2f} "
+                 f"(prefetched {memmap_blocks / best['blocks protoquant prefetched']:.2f}; target >= 0.9), "
+                 f"whole split {memmap_load / best['load protoquant']:.2f} (warm; target >= 0.5)")
+    lines.append(f"ratio protoquant / raw sequential readinto (cold): {best['cold readinto'] / best['cold protoquant']:.2f} "
+                 "(target >= 0.8)")
+    zarr_line = (f"for reference, zarr's own reader / memmap: blocks {memmap_blocks / best['blocks zarr']:.2f}, "
+                 f"whole split {memmap_load / best['load zarr']:.2f}")
+    if "blocks zarrs" in best:
+        zarr_line += (f"; with zarrs: blocks {memmap_blocks / best['blocks zarrs']:.2f}, "
+                      f"whole split {memmap_load / best['load zarrs']:.2f}")
+    lines.append(zarr_line)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -58,30 +205,19 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=7)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write-results", action="store_true", help=f"also write the table into bench/RESULTS.md ({TITLE})")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cache, mm = build(Path(tmp), args.images, args.grid, args.dim)
-        split = cache.split("train")
-        rows = split.layout.rows_per_chunk
-        zarr_s, mm_s, zarr_load, mm_load = [], [], [], []
-        for repeat in range(args.repeats):
-            starts = shuffled_blocks(args.images, rows, repeat)
-            zarr_s.append(time_blocks(lambda a, b: split.features[a:b], starts, rows))
-            mm_s.append(time_blocks(lambda a, b: mm[a:b], starts, rows))
-            begin = time.perf_counter()
-            split.load()
-            zarr_load.append(time.perf_counter() - begin)
-            begin = time.perf_counter()
-            np.array(mm)
-            mm_load.append(time.perf_counter() - begin)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("PROTOQUANT_BENCH_DIR")) as tmp:
+        cache, npy = build(Path(tmp), args.images, args.grid, args.dim)
+        times = measure(cache, npy, args.repeats)
+        rows = cache.split("train").layout.rows_per_chunk
     gb = args.images * args.grid * args.grid * args.dim * 2 / 1e9
-    batches = len(starts)
-    print(f"cache reads: {args.images} x {args.grid}x{args.grid}x{args.dim} float16 ({gb:.2f} GB), "
-          f"blocks of {rows} images (one chunk), shuffled, best of {args.repeats} (page cache warm)")
-    print("| reader | blocks/s | images/s | whole split GB/s |\n|---|---|---|---|")
-    print(f"| zarr store (protoquant cache) | {batches / min(zarr_s):.1f} | {args.images / min(zarr_s):,.0f} | {gb / min(zarr_load):.2f} |")
-    print(f"| numpy memmap (.npy) | {batches / min(mm_s):.1f} | {args.images / min(mm_s):,.0f} | {gb / min(mm_load):.2f} |")
-    print(f"ratio zarr / memmap throughput = {min(mm_s) / min(zarr_s):.2f} (blocks), {min(mm_load) / min(zarr_load):.2f} (whole split)")
+    text = report(times, args, rows, gb)
+    print(text)
+    if args.write_results:
+        from results_section import replace_section
+
+        replace_section(TITLE, f"`python bench/cache_read.py --images {args.images} --dim {args.dim}`\n\n{text}")
 
 
 if __name__ == "__main__":

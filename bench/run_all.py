@@ -21,8 +21,13 @@ BENCHES = {
     "extract": ("Extraction vs a bare timm loop", ["extract.py"], ["extract.py", "--images", "64", "--repeats", "1"]),
     "train": ("Head training from the cache vs backbone per batch; FAISS vs scikit-learn k-means",
               ["train.py"], ["train.py", "--images-per-class", "16", "--repeats", "1"]),
+    "autocast": ("Extraction autocast: float16 vs bfloat16 against float32, real weights", ["autocast.py", "--images", "24"],
+                 ["autocast.py", "--images", "8"]),
     "cache_read": ("Reading the cache vs a numpy memmap", ["cache_read.py"], ["cache_read.py", "--images", "1024"]),
-    "sweep": ("A sweep of heads on one cache vs full runs", ["sweep.py"], ["sweep.py", "--heads", "2", "--per-class", "10"]),
+    "scale": ("Streaming a cache larger than the RAM budget (bench/scale.py)", ["scale.py"],
+              ["scale.py", "--sizes", "4096,16384", "--grid", "4", "--dim", "256", "--max-memory", "8MB", "--k", "4"]),
+    "sweep": ("Many heads per pass: protoquant sweep vs separate train commands", ["sweep.py"],
+              ["sweep.py", "--train", "1000", "--test", "300", "--epochs", "3"]),
 }
 
 

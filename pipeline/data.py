@@ -11,7 +11,9 @@ Two read paths give the same batches up to order (tech-stack notes 2.9):
   random permutation of those rows.
 - streaming: each epoch permutes the split's inner chunks and reads them whole; a shuffle buffer
   of `buffer_chunks` chunks mixes rows across chunks. Rows were permuted once at extraction, so a
-  chunk is already a random sample and this is close to i.i.d. sampling.
+  chunk is already a random sample and this is close to i.i.d. sampling. The next buffer is read
+  in the background (pipeline/rawshards.py's reader threads) while this one is batched, so memory
+  holds two buffers whatever N is (bench/scale.py measures it).
 Both are deterministic: the same seed and epoch give the same order within a path. When the split
 holds augmented views, each epoch draws one of (original, view 1..V) per row from (seed, epoch),
 the same draw on both paths (METHOD.md pitfall 5: never one baked-in augmentation).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -32,6 +35,7 @@ import torch
 
 from pipeline.cache import CacheSplit
 from pipeline.errors import ProtoquantError
+from pipeline.rawshards import read_pool
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -111,17 +115,27 @@ def _chunk_reads(split: CacheSplit, rows: np.ndarray) -> Iterator[tuple[int, int
     r = split.layout.rows_per_chunk
     for chunk in np.unique(rows // r):
         start, stop = int(chunk) * r, min(int(chunk) * r + r, split.n)
-        yield start, stop, rows[(rows >= start) & (rows < stop)]
+        yield start, stop, rows[np.searchsorted(rows, start):np.searchsorted(rows, stop)]
 
 
 def _read_rows(split: CacheSplit, start: int, stop: int, selected: np.ndarray, with_views: bool) -> np.ndarray:
     """Rows `selected` (within [start, stop)) as float16 (n, H, W, D), or (n, 1 + V, H, W, D) with views."""
+    features = split.read_features(start, stop)  # (n, H, W, D); a damaged or lost shard is one named error
     at = selected - start
-    features = split.read_features(start, stop)[at]  # (n, H, W, D); a damaged or lost shard is one named error
+    if len(selected) < stop - start:
+        features = features[at]
     if not with_views:
         return features
     views = split.read_views(start, stop)[at]  # (n, V, H, W, D)
     return np.concatenate([features[:, None], views], axis=1)  # (n, 1 + V, H, W, D)
+
+
+def _read_rows_into(split: CacheSplit, start: int, stop: int, selected: np.ndarray, with_views: bool, out: np.ndarray) -> None:
+    """_read_rows into `out`; a chunk wanted whole (and without views) is read straight into it."""
+    if not with_views and len(selected) == stop - start:
+        split.read_features(start, stop, out=out)
+    else:
+        out[...] = _read_rows(split, start, stop, selected, with_views)
 
 
 @dataclass
@@ -134,15 +148,19 @@ class RamRows:
 
     @classmethod
     def load(cls, split: CacheSplit, rows: np.ndarray, *, with_views: bool = False) -> "RamRows":
-        """Read whole chunks once and keep the requested rows in one pre-allocated array."""
+        """Read whole chunks once, in the reader threads, into one pre-allocated array of the requested rows."""
         rows = np.sort(np.asarray(rows, dtype=np.int64))
         h, w, d = split.features.shape[1:]
         shape = (len(rows), 1 + view_count(split), h, w, d) if with_views else (len(rows), h, w, d)
         grids = np.empty(shape, dtype=np.float16)
-        filled = 0
+        futures, filled = [], 0
+        split.ok  # read the marks once, before the reader threads need them
         for start, stop, selected in _chunk_reads(split, rows):
-            grids[filled:filled + len(selected)] = _read_rows(split, start, stop, selected, with_views)
+            place = grids[filled:filled + len(selected)]
+            futures.append(read_pool().submit(_read_rows_into, split, start, stop, selected, with_views, place))
             filled += len(selected)
+        for future in futures:
+            future.result()  # a damaged chunk raises its one named error here
         return cls(rows=rows, grids=torch.from_numpy(grids), with_views=with_views)
 
     def move_to_gpu_if_it_fits(self, device: torch.device, reserve: int = 2 << 30) -> bool:
@@ -172,6 +190,7 @@ class SourceSettings:
     views: bool = False
     seed: int = 0
     buffer_chunks: int = 8
+    half: bool = False        # batches stay float16: the device converts (half the bytes to move)
 
 
 class FeatureSource:
@@ -246,38 +265,74 @@ class FeatureSource:
                 grids = self.ram.grids[at, view.to(where)]  # (n, 1 + V, H, W, D) -> (B, H, W, D)
             else:
                 grids = self.ram.grids[at]  # (B, H, W, D)
-            yield grids.float(), self.labels[torch.from_numpy(rows)]
+            yield (grids if self.settings.half else grids.float()), self.labels[torch.from_numpy(rows)]
 
     def _stream_batches(self, epoch: int, choices: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Read whole chunks in the epoch's order; shuffle rows within a buffer of chunks."""
+        """Read whole chunks in the epoch's order; shuffle rows within a buffer of chunks.
+
+        A buffer holds the previous buffer's rest (under one batch) and its chunks' rows, permuted. The
+        permutation is drawn when the buffer's reads start, so the reader threads put every row straight
+        into its shuffled place and a batch is a slice of the buffer, not a copy. The next buffer is read
+        in the background while this one is cut into batches: memory holds two buffers, whatever N.
+        """
         rng = self._rng(epoch + 1_000_003)  # separate stream from the chunk permutation
-        r, b = self.split.layout.rows_per_chunk, self.settings.batch_size
-        carry_rows = np.empty(0, dtype=np.int64)
-        carry_grids = None
+        b, per_buffer = self.settings.batch_size, self.settings.buffer_chunks
         order = self._chunk_order(epoch)
-        for first in range(0, len(order), self.settings.buffer_chunks):
-            pieces, piece_rows = [] if carry_grids is None else [carry_grids], [carry_rows]
-            for chunk in self._chunks[order[first:first + self.settings.buffer_chunks]]:
-                start, stop = int(chunk) * r, min(int(chunk) * r + r, self.split.n)
-                selected = self.rows[(self.rows >= start) & (self.rows < stop)]
-                grids = _read_rows(self.split, start, stop, selected, self.n_views > 0)
-                if self.n_views:
-                    grids = grids[np.arange(len(selected)), choices[selected]]  # (n, 1 + V, ...) -> (n, H, W, D)
-                pieces.append(grids)
-                piece_rows.append(selected)
-            buffer, buffer_rows = np.concatenate(pieces), np.concatenate(piece_rows)
-            if self.settings.shuffle:
-                mix = rng.permutation(len(buffer_rows))
-                buffer, buffer_rows = buffer[mix], buffer_rows[mix]
-            full = len(buffer_rows) - len(buffer_rows) % b
+        groups = [self._chunks[order[first:first + per_buffer]] for first in range(0, len(order), per_buffer)]
+        pending: deque = deque()
+        carry_grids, carry_rows, carry_next = None, np.empty(0, dtype=np.int64), 0
+        for index in range(len(groups)):
+            while len(pending) < 2 and index + len(pending) < len(groups):
+                buffer = self._read_buffer(groups[index + len(pending)], choices, carry_next, rng)
+                carry_next = len(buffer[1]) % b
+                pending.append(buffer)
+            buffer, rows, place, futures = pending.popleft()
+            for future in futures:
+                future.result()  # a damaged chunk raises its one named error here
+            if carry_grids is not None:
+                buffer[place[:len(carry_rows)]] = carry_grids  # the previous buffer's rest, at its shuffled places
+                rows[place[:len(carry_rows)]] = carry_rows
+            full = len(rows) - len(rows) % b
             for start in range(0, full, b):
-                yield self._as_batch(buffer[start:start + b], buffer_rows[start:start + b])
-            carry_grids, carry_rows = buffer[full:], buffer_rows[full:]
+                yield self._as_batch(buffer[start:start + b], rows[start:start + b])
+            carry_grids, carry_rows = buffer[full:].copy(), rows[full:]  # a copy: the buffer itself can go
         if len(carry_rows):
             yield self._as_batch(carry_grids, carry_rows)
 
+    def _read_buffer(self, chunks: np.ndarray, choices: np.ndarray, carry: int, rng: np.random.Generator):
+        """Start reading `chunks` into one new shuffled buffer that also takes `carry` rows of the previous
+        one. Returns (buffer float16 (n, H, W, D), its rows (n,) with the carried ones still to fill, where
+        each of the n unshuffled rows (carried first) goes, the reader tasks' futures)."""
+        r = self.split.layout.rows_per_chunk
+        spans = [(int(c) * r, min(int(c) * r + r, self.split.n)) for c in chunks]
+        selected = [self.rows[np.searchsorted(self.rows, start):np.searchsorted(self.rows, stop)] for start, stop in spans]
+        n = carry + sum(len(s) for s in selected)
+        mix = rng.permutation(n) if self.settings.shuffle else np.arange(n)  # buffer[j] = unshuffled row mix[j]
+        place = np.empty(n, dtype=np.int64)
+        place[mix] = np.arange(n)  # unshuffled row k goes to buffer[place[k]]
+        buffer = np.empty((n, *self.split.features.shape[1:]), dtype=np.float16)
+        rows = np.empty(n, dtype=np.int64)
+        self.split.ok  # read the marks once, before the reader threads need them
+        futures, at = [], carry
+        for (start, stop), wanted in zip(spans, selected):
+            where = place[at:at + len(wanted)]
+            rows[where] = wanted
+            futures.append(read_pool().submit(self._read_chunk_into, start, stop, wanted, choices, buffer, where))
+            at += len(wanted)
+        return buffer, rows, place, futures
+
+    def _read_chunk_into(self, start: int, stop: int, rows: np.ndarray, choices: np.ndarray,
+                         buffer: np.ndarray, where: np.ndarray) -> None:
+        """Rows `rows` of the chunk [start, stop) (this epoch's view of each, with views) into buffer[where]."""
+        if not self.n_views and len(rows) == stop - start:
+            self.split.read_features_scattered(start, stop, buffer, where)  # every row wanted: no copy in between
+            return
+        grids = _read_rows(self.split, start, stop, rows, self.n_views > 0)
+        buffer[where] = grids[np.arange(len(rows)), choices[rows]] if self.n_views else grids  # (n, 1 + V, ...) -> (n, H, W, D)
+
     def _as_batch(self, grids: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(grids).float(), self.labels[torch.from_numpy(rows)]
+        grids = torch.from_numpy(grids)
+        return (grids if self.settings.half else grids.float()), self.labels[torch.from_numpy(rows)]
 
 
 @dataclass

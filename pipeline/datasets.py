@@ -34,6 +34,7 @@ SPLIT_PREFIXES = ("train", "test", "val")
 SHARD_INDEX = "shards.json"
 CLASSES_JSON = "classes.json"
 CLASSES_TXT = "classes.txt"
+CLASS_ATTRIBUTES_TXT = "class_attributes.txt"  # not in CUB: make-birds writes which parts define each class
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Dataset:
     classes: list[str]
     splits: dict[str, list[Record]]
     part_names: list[str] | None = None  # CUB only: names of the parts in Record.parts order
+    class_parts: list[list[str]] | None = None  # per class (Dataset.classes order), the parts that define it
 
 
 def open_dataset(path: str | Path, *, kind: str = "auto") -> Dataset:
@@ -299,7 +301,33 @@ def read_cub(spec: str) -> Dataset:
             "restore them or remove their lines from the CUB txt files."
         )
     splits = {name: records for name, records in splits.items() if records}
-    return Dataset(root=str(root), kind="cub", classes=classes, splits=splits, part_names=part_names)
+    class_parts = _class_parts(root / CLASS_ATTRIBUTES_TXT, class_index, part_names)
+    return Dataset(root=str(root), kind="cub", classes=classes, splits=splits, part_names=part_names,
+                   class_parts=class_parts)
+
+
+def _class_parts(path: Path, class_index: dict[int, int], part_names: list[str] | None) -> list[list[str]] | None:
+    """class_attributes.txt (make-birds' extension of CUB), rows '<class_id> <part> <variant>': per class,
+    the parts named for it, in file order. None when the file is absent."""
+    if not path.is_file():
+        return None
+    parts: list[list[str]] = [[] for _ in class_index]
+    with open(path, encoding="utf-8") as file:
+        for line_number, line in enumerate(file, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 3 or not fields[0].isdigit() or int(fields[0]) not in class_index:
+                raise ProtoquantError(f"{path}, line {line_number}: expected '<class_id of classes.txt> <part> "
+                                      f"<variant>', found {line.strip()!r}: fix the line.")
+            part = " ".join(fields[1:-1])  # CUB part names may hold spaces ("left eye")
+            if part_names is not None and part not in part_names:
+                raise ProtoquantError(f"{path}, line {line_number}: part {part!r} is not in parts/parts.txt "
+                                      f"({', '.join(part_names)}): fix the name.")
+            named = parts[class_index[int(fields[0])]]
+            if part not in named:
+                named.append(part)
+    return parts
 
 
 def _check_inside_images(relative: str, image_id: int, root: Path) -> None:
@@ -429,9 +457,11 @@ def read_wds(spec: str) -> Dataset:
     with_annotations = index.get("kind") == "cub"  # only then do the json fields carry boxes and parts
     seen: dict[str, str] = {}
     splits: dict[str, list[Record]] = {}
+    expected = _indexed_shards(index)
     for split, tar_paths in shards.items():
         splits[split] = []
         for tar_path in tar_paths:
+            _check_against_index(tar_path, expected.get(tar_path.name))
             for record in _index_tar(tar_path, with_annotations):
                 if record.id in seen:
                     raise ProtoquantError(
@@ -444,6 +474,22 @@ def read_wds(spec: str) -> Dataset:
         raise ProtoquantError(f"the shards of {spec} hold no samples: check the path or rewrite the shards.")
     classes = _wds_classes(root, max(r.label for records in splits.values() for r in records))
     return Dataset(root=str(root), kind="wds", classes=classes, splits=splits, part_names=index.get("part_names"))
+
+
+def _indexed_shards(index: dict) -> dict[str, dict]:
+    """shards.json (written by `protoquant shards`): tar name -> {"nsamples", "filesize"}."""
+    entries = [entry for split in (index.get("splits") or {}).values() for entry in split if isinstance(entry, dict)]
+    return {str(entry.get("url")): entry for entry in entries}
+
+
+def _check_against_index(tar_path: Path, entry: dict | None) -> None:
+    """A tar cut after a whole member reads as a clean, shorter tar: its recorded size says it is not."""
+    if entry is None or "filesize" not in entry:
+        return
+    size = tar_path.stat().st_size
+    if size != int(entry["filesize"]):
+        raise ProtoquantError(f"{tar_path} is {size} bytes but {SHARD_INDEX} records {entry['filesize']}: the shard is "
+                              "truncated or was changed; copy it again or rewrite the shards with `protoquant shards`.")
 
 
 def _find_shards(spec: str) -> tuple[Path, dict[str, list[Path]]]:

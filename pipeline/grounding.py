@@ -271,3 +271,66 @@ class SplitImages:
         from pipeline.datasets import load_image
 
         return load_image(self.record(row))
+
+
+# --- the push: every code becomes its nearest training patch (ProtoPNet's projection) ----------------
+
+@dataclass
+class NearestPatches:
+    """For every code, the training patch nearest to it by cosine, found exactly over a whole scan."""
+
+    cosine: torch.Tensor  # (K,) float32
+    vectors: torch.Tensor  # (K, D) float32: the patch embeddings themselves
+    patch: torch.Tensor  # (K,) int64: the patch's position in the scan (image order x H*W + cell)
+
+
+@torch.no_grad()
+def nearest_patches(codes: torch.Tensor, batches, *, device: str | torch.device = "cpu") -> NearestPatches:
+    """Scan (features (B, H, W, D), labels) batches once; keep each code's best-matching patch."""
+    codes = codes.detach().float().to(device)
+    best = torch.full((codes.shape[0],), float("-inf"), device=device)
+    vectors = torch.zeros_like(codes)
+    patch = torch.full((codes.shape[0],), -1, dtype=torch.long, device=device)
+    seen = 0
+    for features, _ in batches:
+        flat = features.to(device).float().flatten(0, 2)  # (B, H, W, D) -> (B*H*W, D)
+        cosine = patch_cosines(features.to(device), codes).flatten(0, 1)  # (B*H*W, K)
+        score, where = cosine.max(dim=0)  # (K,)
+        better = score > best  # ties keep the earlier patch
+        best = torch.where(better, score, best)
+        vectors[better] = flat[where[better]]
+        patch[better] = where[better] + seen
+        seen += flat.shape[0]
+    if seen == 0:
+        raise ProtoquantError("grounding the codes needs training patches, and the training share is empty")
+    return NearestPatches(best.cpu(), vectors.cpu(), patch.cpu())
+
+
+@torch.no_grad()
+def push_codes(head: ProtoQuantHead, batches, *, device: str | torch.device = "cpu") -> dict:
+    """Replace every code by its nearest training patch, in place, so each prototype IS a training patch.
+
+    Two codes that land on the same patch would split that patch's softmax share between them; the
+    later one is removed (code_mask), the first keeps the patch. Returns what the push changed.
+    """
+    nearest = nearest_patches(head.codes, batches, device=device)
+    exists = head.code_mask.cpu()
+    before = nearest.cosine[exists]
+    head.codes.data.copy_(nearest.vectors.to(head.codes.device))
+    duplicates = _duplicate_codes(nearest.patch, exists)
+    if duplicates:
+        head.remove_codes(duplicates)
+    return {"pushed": True, "mean_cosine_before": float(before.mean()), "min_cosine_before": float(before.min()),
+            "duplicates_removed": len(duplicates)}
+
+
+def _duplicate_codes(patch: torch.Tensor, exists: torch.Tensor) -> list[int]:
+    """Existing codes whose patch an earlier existing code already took."""
+    taken: set[int] = set()
+    duplicates = []
+    for code in torch.nonzero(exists).flatten().tolist():
+        where = int(patch[code])
+        if where in taken:
+            duplicates.append(code)
+        taken.add(where)
+    return duplicates

@@ -6,7 +6,8 @@ ones saw:
     preprocessing  the data config RECORDED in the cache (input size, interpolation, crop, mean/std),
                    not the one the installed timm resolves (a difference is a PreprocessingWarning)
     weights        the recorded identity (load_backbone_for_cache refuses other weights)
-    compute        on CUDA, channels-last input under bf16 autocast, as stages/extract.py runs it
+    grid           the recorded --layers, concatenated on the recorded (finest) grid, crop as recorded
+    compute        on CUDA, channels-last input under AUTOCAST_DTYPE (float16) autocast, as stages/extract.py runs it
     features       rounded to float16, as the cache stores them
 
 Pixels are in [0, 1]; normalisation happens in torch, so PGD (pipeline/metrics.py) can differentiate
@@ -22,7 +23,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 
-from pipeline.backbones import Backbone, extract_grid, load_backbone_for_cache
+from pipeline.backbones import AUTOCAST_DTYPE, Backbone, extract_grid, load_backbone_for_cache
 from pipeline.model import ProtoQuantHead
 
 
@@ -49,7 +50,7 @@ class ImageModel:
         self._to_pixels = create_transform(**config, is_training=False, normalize=False)  # resize + crop, uint8
         self.mean = torch.tensor(config["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(config["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.autocast = self.device.type == "cuda"  # extraction's setting: bf16 on CUDA, full precision on CPU
+        self.autocast = self.device.type == "cuda"  # extraction's setting: autocast on CUDA, full precision on CPU
 
     @classmethod
     def for_cache(cls, provenance: dict, head: ProtoQuantHead, *, weights: str | Path | None = None,
@@ -74,7 +75,7 @@ class ImageModel:
     def grid(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) pixels -> (B, H, W, D) float32 features (differentiable in the pixels)."""
         x = ((pixels - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast("cuda", dtype=AUTOCAST_DTYPE, enabled=self.autocast):
             grid = extract_grid(self.backbone, x)
         return grid.float().half().float()  # the cache's float16 values: same inputs, same features
 

@@ -6,6 +6,7 @@
     write_log / iter_log                     a run's per-epoch log, one JSON object per line
     write_artifact / read_artifact           tensors + JSON fields in one safetensors file (no pickles):
                                              codebooks, heads, probes, groundings, checkpoints
+    check_artifact_out                       an artefact's --out may replace only an artefact of its kind
 """
 
 from __future__ import annotations
@@ -127,6 +128,33 @@ def write_artifact(path: str | Path, tensors: dict[str, torch.Tensor], *, kind: 
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def is_artifact(path: Path, kind: str) -> bool:
+    """`path` is a protoquant artefact of `kind` (read from the header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
+    return metadata.get("format") == ARTIFACT_FORMAT and metadata.get("kind") == kind
+
+
+def check_artifact_out(path: str | Path, *, kind: str, inside_forbidden: list[Path] = (), option: str = "--out") -> None:
+    """Refuse an output file that is a folder, lies inside an input (a cache, DATA), or exists and is not a
+    protoquant `kind` (which it may replace: rebuilding a codebook in place is the common case)."""
+    path = Path(path)
+    target = path.resolve()
+    for guarded in inside_forbidden:
+        guarded = Path(guarded).resolve()
+        if target == guarded or target.is_relative_to(guarded):
+            raise ProtoquantError(f"{option} {path} lies inside {guarded}, an input of this command: write the {kind} "
+                                  "somewhere else")
+    if path.is_dir():
+        raise ProtoquantError(f"{option} {path} is a directory: give the {kind} file to write, e.g. {path}/{kind}.safetensors")
+    if path.is_symlink() or (path.exists() and not is_artifact(path, kind)):
+        raise ProtoquantError(f"{option} {path} exists and is not a protoquant {kind}: choose another path "
+                              f"(protoquant replaces only a {kind} it wrote)")
 
 
 def read_artifact(path: str | Path, *, kind: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,7 +1,10 @@
 """Interpretability metrics (METHOD.md "Interpretability metrics"); tests check each on a case whose
 answer is known by construction.
 
-    purity        PIP-Net protocol from part keypoints; the cache alone, no images
+    purity        PIP-Net protocol (as the authors' adapter runs it) and a stricter variant, from part
+                  keypoints; the cache alone, no images
+    evidence on defining parts   does the top contribution of a correct prediction sit on a part that
+                  defines the predicted class (make-birds' class_attributes.txt); the cache alone
     misalignment  Sacha et al. 2023: PGD on the pixels OUTSIDE the top prototype's box lowers its
                   activation inside it; PAC, PRC, PLC and the accuracy change
     stability     Huang et al. 2023 style: do the argmax cells stay put under Gaussian input noise?
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +30,7 @@ import torch
 from PIL import Image
 
 from pipeline.cache import Cache
+from pipeline.data import evaluation_source, usable_rows
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import PIXEL_CENTRE, Preprocessing, box_contains
 from pipeline.grounding import MAP_BUDGET, receptive_boxes, top_images
@@ -62,10 +67,119 @@ def cell_masks(cells: torch.Tensor, input_size: tuple[int, int], grid: tuple[int
     return masks
 
 
-# ---- purity (PIP-Net protocol) ---------------------------------------------------------------------------
+# ---- purity -------------------------------------------------------------------------------------------------
+# Two variants share one pass over the training split (each code's top images by presence):
+#   "purity" follows the PIP-Net protocol as the ProtoQuant authors' adapter runs it on CUB (METHOD.md
+#       "Interpretability metrics"): codes with a class weight relu(W) > PURITY_WEIGHT_THRESHOLD whose
+#       presence ever exceeds PURITY_PRESENCE_THRESHOLD; in each top image the PIP-Net patch at the argmax
+#       cell (32 px of a 224-px input; skip = round((224 - 32) / (W - 1)) for finer grids than 7 x 7; the
+#       last row and column hold the patch against the far edge), mapped to original pixels, bounds
+#       included; left/right parts merged; a part's score = images whose patch holds the part's keypoint /
+#       images where the part is visible; a code's purity = its best part.
+#       The weight threshold is 0.1: the adapter's effective threshold is about 0.09 (PIP-Net's
+#       evaluation lowers every weight by 1e-3 per batch before counting weights above 1e-3); we take
+#       the authors' calculate_local_size threshold instead, so the codes scored for purity are exactly
+#       those counted in the per-class local size.
+#   "purity_strict" is this project's earlier, stricter variant: every code in use (weight > 0), the
+#       receptive box of the argmax cell, parts as annotated (no merging), and a part's score = images
+#       whose box holds it / ALL top images, whether the part is visible in them or not.
+# Neither needs pixels: the cache holds presence (from its features), keypoints and original image sizes.
+# The protocol's own images are uncropped and squashed to 224 x 224 (`preprocessing_as_protocol` says
+# whether the cache's preprocessing is that one); other preprocessing maps the same patch through its
+# own geometry.
+
+PURITY_WEIGHT_THRESHOLD = 0.1
+PURITY_PRESENCE_THRESHOLD = 0.1
+PIPNET_INPUT = 224  # the input side PIP-Net's patch rule is written for
+PIPNET_PATCH = 32  # its patch side at that input
+
+
+def pipnet_patch_span(index: np.ndarray, cells: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """PIP-Net's patch along one axis: [start, stop] in input pixels for grid indices `index` of `cells`.
+
+    The patch is 32 px at a 224-px input (scaled with other inputs); it starts at index * skip,
+    skip = round((size - patch) / (cells - 1)), and a patch that reaches the far edge (always the last
+    index) is held against it. A 7-cell axis at 224 px gives the cells themselves.
+    """
+    index = np.asarray(index, dtype=np.float64)
+    patch = PIPNET_PATCH * size / PIPNET_INPUT
+    if cells == 1:
+        return np.zeros_like(index), np.full_like(index, float(size))
+    skip = round((size - patch) / (cells - 1))
+    start, stop = index * skip, np.minimum(size, index * skip + patch)
+    at_edge = (index == cells - 1) | (stop >= size)
+    return np.where(at_edge, size - patch, start), np.where(at_edge, float(size), stop)
+
+
+def pipnet_patch_boxes(preprocessing: Preprocessing, rows: np.ndarray, cells: np.ndarray, image_size: np.ndarray,
+                       boxes: np.ndarray | None) -> np.ndarray:
+    """PIP-Net patches of (row, cell) slots in original pixels -> (..., 4) x, y, w, h; NaN in empty slots.
+
+    rows (...) cache rows (-1 = empty), cells (..., 2) (h, w); image_size (N, 2), boxes (N, 4) as for
+    pipeline.grounding.receptive_boxes.
+    """
+    size_h, size_w = preprocessing.input_size
+    grid_h, grid_w = preprocessing.grid
+    v0, v1 = pipnet_patch_span(cells[..., 0], grid_h, size_h)
+    u0, u1 = pipnet_patch_span(cells[..., 1], grid_w, size_w)
+    out = np.full((*rows.shape, 4), np.nan)
+    geometries = {}
+    for index in zip(*np.nonzero(rows >= 0)):
+        row = int(rows[index])
+        if row not in geometries:
+            geometries[row] = preprocessing.image(tuple(image_size[row]), None if boxes is None else tuple(boxes[row]))
+        geometry = geometries[row]
+        x0, y0 = geometry.to_original(u0[index], v0[index])
+        x1, y1 = geometry.to_original(u1[index], v1[index])
+        left, top, right, bottom = geometry.region
+        x0, x1 = np.clip([x0, x1], left, right)
+        y0, y1 = np.clip([y0, y1], top, bottom)
+        out[index] = (x0, y0, x1 - x0, y1 - y0)
+    return out
+
+
+def merged_parts(names: list[str]) -> tuple[list[str], np.ndarray]:
+    """Left/right parts merged ('left eye', 'right eye' -> 'eye'): the merged names, in first-seen order,
+    and for each original part the index of its merged part."""
+    merged: list[str] = []
+    keys: list[str] = []
+    index = []
+    for name in names:
+        base = re.sub(r"^(left|right)[ _-]+", "", name.strip(), flags=re.IGNORECASE)
+        if base.lower() not in keys:
+            merged.append(base)
+            keys.append(base.lower())
+        index.append(keys.index(base.lower()))
+    return merged, np.asarray(index, dtype=np.int64)
+
+
+def pipnet_part_scores(boxes: np.ndarray, keypoints: np.ndarray, merge: np.ndarray) -> np.ndarray:
+    """For each code and merged part: images whose patch holds the part / images where it is visible.
+
+    boxes (K, T, 4) patches in original pixels, NaN in empty slots; keypoints (K, T, P, 3) x, y,
+    visible (pixel indices: the keypoint sits at the pixel centre); merge (P,) merged-part index of each
+    part. A merged part is visible in an image when one of its parts is, and in the patch when one of
+    its visible parts is (PIP-Net keeps the better side). Bounds count as inside, as in PIP-Net. -> (K, M);
+    0 for a part visible in none of the images.
+    """
+    x, y = keypoints[..., 0] + PIXEL_CENTRE, keypoints[..., 1] + PIXEL_CENTRE  # (K, T, P)
+    filled = ~np.isnan(boxes[..., 0])  # (K, T)
+    b = np.nan_to_num(boxes)[:, :, None, :]  # (K, T, 1, 4)
+    inside = (x >= b[..., 0]) & (x <= b[..., 0] + b[..., 2]) & (y >= b[..., 1]) & (y <= b[..., 1] + b[..., 3])
+    visible = (keypoints[..., 2] > 0) & filled[..., None]  # (K, T, P)
+    n_merged = int(merge.max()) + 1 if merge.size else 0
+    scores = np.zeros((boxes.shape[0], n_merged))
+    for m in range(n_merged):
+        members = merge == m
+        seen = visible[..., members].any(axis=2)  # (K, T)
+        hit = (inside & visible)[..., members].any(axis=2)  # (K, T)
+        scores[:, m] = hit.sum(axis=1) / np.maximum(seen.sum(axis=1), 1)
+    return scores
+
 
 def part_fractions(boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
-    """For each code and part, the fraction of its top boxes holding the part's visible keypoint.
+    """The strict variant: for each code and part, the fraction of ALL its top boxes holding the part's
+    visible keypoint.
 
     boxes (K, T, 4) x, y, w, h in original pixels, NaN in empty slots; keypoints (K, T, P, 3) x, y,
     visible as pixel indices (the keypoint sits at the pixel centre). -> (K, P) in [0, 1]; the
@@ -78,15 +192,25 @@ def part_fractions(boxes: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
     return inside.sum(axis=1) / np.maximum(filled.sum(axis=1), 1)[:, None]
 
 
+def _purity_summary(scores: np.ndarray, names: list[str], selected: np.ndarray, **fields) -> dict:
+    """Mean, count above 0.5 and pure codes per part of the selected codes' (K, P) part scores."""
+    best_score, best_part = scores.max(axis=1)[selected], scores.argmax(axis=1)[selected]
+    pure = best_score > 0.5
+    return {"mean": float(best_score.mean()) if best_score.size else None, "above_0_5": int(pure.sum()),
+            "codes": int(selected.sum()), **fields,
+            "pure_codes_by_part": {names[p]: int(((best_part == p) & pure).sum()) for p in range(len(names))}}
+
+
+def preprocessing_as_protocol(preprocessing: Preprocessing) -> bool:
+    """Whether the cache saw what the purity protocol's images are: uncropped, squashed to 224 x 224."""
+    squashed = preprocessing.crop_mode == "squash" and preprocessing.crop_pct == 1.0
+    return squashed and not preprocessing.crop_to_box and preprocessing.input_size == (PIPNET_INPUT, PIPNET_INPUT)
+
+
 def purity(head: ProtoQuantHead, cache: Cache, *, split: str = "train", top: int = 10,
            device: str | torch.device = "cpu") -> dict:
-    """PIP-Net purity of every code in use (METHOD.md "Interpretability metrics").
-
-    A code's presence in an image is the max over cells of its softmax activation (stage B); its top
-    `top` training images are those with the largest presence, each with the receptive box at the
-    argmax cell; for each part, the fraction of boxes that contain the part's visible keypoint;
-    purity = the max over parts.
-    """
+    """Both purities of a head on `split` of its cache -> {"purity": PIP-Net protocol, "purity_strict": ...}
+    (the comment block above says what each counts)."""
     data = cache.split(split)
     annotations = data.annotations() or {}
     if "part_locs" not in annotations:
@@ -98,18 +222,101 @@ def purity(head: ProtoQuantHead, cache: Cache, *, split: str = "train", top: int
     tops = top_images(head.activation, data, n_codes=head.codes.shape[0], top=top, images_per_batch=per_batch,
                       device=device)
     preprocessing = Preprocessing.from_cache(cache)
-    boxes = receptive_boxes(preprocessing, tops.rows, tops.cells, data.image_size, annotations.get("boxes"))
     keypoints = annotations["part_locs"][np.clip(tops.rows, 0, None)]  # (K, T, P, 3)
-    fractions = part_fractions(boxes, keypoints)  # (K, P)
-    used = codes_in_use(head).cpu().numpy()
-    scores, best = fractions.max(axis=1)[used], fractions.argmax(axis=1)[used]
-    names = cache.attrs.get("part_names") or [f"part {i + 1}" for i in range(fractions.shape[1])]
-    pure = scores > 0.5
-    return {
-        "mean": float(scores.mean()) if scores.size else None, "above_0_5": int(pure.sum()),
-        "codes": int(used.sum()), "top": top, "split": split,
-        "pure_codes_by_part": {names[p]: int(((best == p) & pure).sum()) for p in range(len(names))},
-    }
+    names = cache.attrs.get("part_names") or [f"part {i + 1}" for i in range(keypoints.shape[2])]
+    weight = head.effective_weight().detach().cpu()
+    weighted = (weight > PURITY_WEIGHT_THRESHOLD).any(dim=0).numpy()
+    present = tops.scores[:, 0] > PURITY_PRESENCE_THRESHOLD
+    merged, merge = merged_parts(list(names))
+    patches = pipnet_patch_boxes(preprocessing, tops.rows, tops.cells, data.image_size, annotations.get("boxes"))
+    protocol = _purity_summary(
+        pipnet_part_scores(patches, keypoints, merge), merged, weighted & present, top=top, split=split,
+        weight_threshold=PURITY_WEIGHT_THRESHOLD, presence_threshold=PURITY_PRESENCE_THRESHOLD,
+        never_present=int((weighted & ~present).sum()), patch=_patch_side(preprocessing),
+        preprocessing_as_protocol=preprocessing_as_protocol(preprocessing))
+    receptive = receptive_boxes(preprocessing, tops.rows, tops.cells, data.image_size, annotations.get("boxes"))
+    strict = _purity_summary(part_fractions(receptive, keypoints), list(names), codes_in_use(head).cpu().numpy(),
+                             top=top, split=split)
+    return {"purity": protocol, "purity_strict": strict}
+
+
+def _patch_side(preprocessing: Preprocessing) -> float:
+    """The protocol's patch side in input pixels (32 at 224)."""
+    return PIPNET_PATCH * preprocessing.input_size[1] / PIPNET_INPUT
+
+
+# ---- evidence on defining parts (a generator with ground truth: make-birds' class_attributes.txt) -------------
+
+def defining_part_hits(boxes: np.ndarray, keypoints: np.ndarray, defining: np.ndarray) -> np.ndarray:
+    """Which boxes hold the visible keypoint of a defining part: boxes (N, 4) x, y, w, h (original pixels,
+    half-open), keypoints (N, P, 3) x, y, visible (pixel indices), defining (N, P) bool -> (N, P) bool."""
+    x, y = keypoints[..., 0] + PIXEL_CENTRE, keypoints[..., 1] + PIXEL_CENTRE  # (N, P)
+    inside = box_contains(boxes[:, None, :], x, y)  # (N, P)
+    return inside & (keypoints[..., 2] > 0) & defining
+
+
+def defining_matrix(class_parts: list[list[str]], part_names: list[str], source: str) -> np.ndarray:
+    """(C, P) bool: class c is defined by part p."""
+    matrix = np.zeros((len(class_parts), len(part_names)), dtype=bool)
+    for c, parts in enumerate(class_parts):
+        for part in parts:
+            if part not in part_names:
+                raise ProtoquantError(f"{source}: part {part!r} defines a class but the cache's parts are "
+                                      f"{', '.join(part_names)}: fix class_attributes.txt or re-extract")
+            matrix[c, part_names.index(part)] = True
+    return matrix
+
+
+@torch.no_grad()
+def top_evidence(head: ProtoQuantHead, cache: Cache, split: str, *, device: str | torch.device = "cpu") -> dict:
+    """Per usable row of `split`: predicted class, top contribution's code, its value and peak cell."""
+    data = cache.split(split)
+    rows = usable_rows(data)
+    head = copy.deepcopy(head).eval().to(device)
+    per_batch = max(1, MAP_BUDGET // (head.codes.shape[0] * cache.grid[0] * cache.grid[1]))
+    found = {"predicted": [], "labels": [], "codes": [], "values": [], "cells": []}
+    for features, labels in evaluation_source(data, batch_size=per_batch, rows=rows).batches(0):
+        activation = head.activation(features.to(device))  # (B, K, H, W)
+        presence = activation.amax(dim=(2, 3))  # (B, K)
+        predicted = head.logits_from_presence(presence).argmax(dim=1)
+        top = top_contributions(head, activation, presence, predicted, 1)
+        for name, value in (("predicted", predicted), ("labels", labels), ("codes", top.codes[:, 0]),
+                            ("values", top.values[:, 0]), ("cells", top.cells[:, 0])):
+            found[name].append(value.cpu())
+    stacked = {name: torch.cat(values).numpy() if values else np.empty(0) for name, values in found.items()}
+    return {"rows": rows, **stacked}
+
+
+def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: list[list[str]], *,
+                               split: str = "test", device: str | torch.device = "cpu") -> dict:
+    """The share of correctly classified images of `split` whose top contribution (to the predicted class)
+    fires on a box holding a part that defines the predicted class.
+
+    The box is the receptive box of the top code's peak cell (pipeline/geometry.py), in original pixels;
+    a part is in it when its visible keypoint is. An image whose best contribution is 0 has no evidence
+    and does not count as a hit. Also reported: the share whose box holds any annotated part
+    (`on_any_part`) and, per defining part, how many hits it is in.
+    """
+    data = cache.split(split)
+    annotations = data.annotations() or {}
+    part_names = list(cache.attrs.get("part_names") or [])
+    if "part_locs" not in annotations or not part_names:
+        raise ProtoquantError(f"evidence on defining parts needs part keypoints, but {cache.path} holds none")
+    defining_by_class = defining_matrix(class_parts, part_names, str(cache.path))
+    evidence = top_evidence(head, cache, split, device=device)
+    correct = evidence["predicted"] == evidence["labels"]
+    n_correct = int(correct.sum())
+    shown = correct & (evidence["values"] > 0)  # a zero contribution is no evidence
+    rows, cells = evidence["rows"][shown], evidence["cells"][shown].astype(np.int64)
+    boxes = receptive_boxes(Preprocessing.from_cache(cache), rows, cells, data.image_size, annotations.get("boxes"))
+    keypoints = annotations["part_locs"][rows]  # (N, P, 3)
+    hits = defining_part_hits(boxes, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
+    any_part = defining_part_hits(boxes, keypoints, np.ones_like(hits))
+    hit = hits.any(axis=1)
+    return {"share": float(hit.sum() / n_correct) if n_correct else None, "images": n_correct,
+            "hits": int(hit.sum()), "on_any_part": float(any_part.any(axis=1).sum() / n_correct) if n_correct else None,
+            "split": split, "by_part": {part_names[p]: int(hits[:, p].sum()) for p in range(len(part_names))
+                                        if defining_by_class[:, p].any()}}
 
 
 # ---- spatial misalignment (Sacha et al.) ------------------------------------------------------------------

@@ -6,13 +6,13 @@ here casts them to float32 before computing.
     ProbeHead                     the frozen reference classifier (trained as the probe phase) (METHOD.md stage A, "Start")
     quantize, stage_a_loss        codebook learning through the frozen probe (METHOD.md stage A)
     ProtoQuantHead                the interpretable head (METHOD.md stage B)
-    top_contributions, peak_locations, local_explanation_size    explanations (METHOD.md "Explanations")
-    prune_top_k_per_class, codes_in_use             pruning (METHOD.md "Pruning and editing")
+    top_contributions, peak_locations               explanations (METHOD.md "Explanations")
+    local_size_per_class, local_size_per_image      the two published local explanation sizes
+    keep_top_k_weights, drop_unused_codes, codes_in_use    pruning (METHOD.md "Pruning and editing")
     mixup                         optional feature-space mixup
     save_/load_head, save_/load_probe               safetensors + JSON metadata
 
-assign_codes and code_usage live in pipeline/codebook.py (assignment belongs to the codebook) and
-are re-exported here for callers that think of them as model helpers.
+Assignment (assign_codes, code_usage) lives in pipeline/codebook.py: it belongs to the codebook.
 """
 
 from __future__ import annotations
@@ -25,15 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.codebook import COSINE_EPS, assign_codes, code_usage
+from pipeline.codebook import COSINE_EPS, assign_codes
 from pipeline.errors import ProtoquantError
 from pipeline.io import read_artifact, write_artifact
 
 __all__ = [
-    "ProbeHead", "assign_codes", "code_usage", "quantize", "stage_a_loss",
+    "ProbeHead", "quantize", "stage_a_loss",
     "ProtoQuantHead", "class_contributions", "TopContributions", "top_contributions", "peak_locations", "peak_cells",
-    "prune_top_k_per_class", "keep_top_k_per_class", "codes_in_use",
-    "local_explanation_size", "mixup", "save_head", "load_head", "save_probe", "load_probe",
+    "prune_top_k_per_class", "keep_top_k_weights", "drop_unused_codes", "codes_in_use",
+    "local_size_per_class", "local_size_per_image", "local_explanation_size",
+    "mixup", "save_head", "load_head", "save_probe", "load_probe",
 ]
 
 
@@ -238,13 +239,39 @@ def local_explanation_size(
 ) -> torch.Tensor:
     """Per image, how many codes contribute more than rel_threshold * the predicted class's logit.
 
-    contributions (B, C, K), logits (B, C) -> (B,) int64 (METHOD.md "Explanations": size).
+    contributions (B, C, K), logits (B, C) -> (B,) int64. A relative threshold of our own, not one
+    of the published definitions: figures to compare with papers use local_size_per_class or
+    local_size_per_image.
     """
     rows = torch.arange(logits.shape[0], device=logits.device)  # (B,)
     predicted = logits.argmax(dim=1)  # (B,)
     to_predicted = contributions[rows, predicted]  # (B, C, K) -> (B, K)
     threshold = rel_threshold * logits[rows, predicted]  # (B,)
     return (to_predicted > threshold[:, None]).sum(dim=1)
+
+
+CLASS_WEIGHT_THRESHOLD = 0.1  # the authors' calculate_local_size: a weight relu(W) > 0.1 counts
+PIPNET_PRESENCE_THRESHOLD = 0.1  # PIP-Net: a code counts in an image when its presence is >= 0.1 ...
+PIPNET_CONTRIBUTION_THRESHOLD = 1e-3  # ... and its contribution to the predicted class exceeds 1e-3
+
+
+def local_size_per_class(head: ProtoQuantHead, threshold: float = CLASS_WEIGHT_THRESHOLD) -> torch.Tensor:
+    """Per class, the number of weights relu(W) above `threshold` (removed codes count 0); -> (C,) int64.
+
+    The per-class definition of local explanation size (the authors' calculate_local_size).
+    """
+    return (head.effective_weight() > threshold).sum(dim=1)
+
+
+def local_size_per_image(head: ProtoQuantHead, presence: torch.Tensor, predicted: torch.Tensor, *,
+                         presence_threshold: float = PIPNET_PRESENCE_THRESHOLD,
+                         contribution_threshold: float = PIPNET_CONTRIBUTION_THRESHOLD) -> torch.Tensor:
+    """Per image, the codes with presence >= presence_threshold whose contribution relu(W[c, k]) * p[k]
+    to the predicted class c exceeds contribution_threshold (PIP-Net's definition); presence (B, K),
+    predicted (B,) -> (B,) int64."""
+    present = presence >= presence_threshold  # (B, K)
+    contributing = class_contributions(head, presence, predicted) > contribution_threshold  # (B, K)
+    return (present & contributing).sum(dim=1)
 
 
 # --- pruning ---------------------------------------------------------------------------------------
@@ -264,14 +291,26 @@ def prune_top_k_per_class(weight: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def keep_top_k_per_class(head: ProtoQuantHead, k: int) -> None:
-    """In place, METHOD.md "Pruning and editing": each class keeps its k largest weights among the codes
-    that still exist, the rest become 0, then codes no class uses are removed (out of the softmax too)."""
+def keep_top_k_weights(head: ProtoQuantHead, k: int) -> None:
+    """In place, the paper's interpretability/accuracy curve (METHOD.md "Pruning and editing"): each class
+    keeps its k largest weights among the codes that exist, the rest become 0. No code leaves the head:
+    every code still competes in the softmax over codes, so the kept codes' presence is unchanged and
+    no retraining is needed to read the curve."""
     head.weight.masked_fill_(~head.code_mask[None, :], 0.0)  # removed codes must not take top-k slots
     head.weight.copy_(prune_top_k_per_class(head.weight, k))
+
+
+@torch.no_grad()
+def drop_unused_codes(head: ProtoQuantHead) -> list[int]:
+    """In place, stage 2b's second step: remove the codes no class uses (out of the softmax over codes).
+
+    Every remaining presence value renormalises, so the head's accuracy moves: this step only makes
+    sense before fine-tuning (METHOD.md "Pruning and editing"). Returns the removed codes.
+    """
     unused = (~codes_in_use(head) & head.code_mask).nonzero().flatten()
     if len(unused):
         head.remove_codes(unused)
+    return unused.tolist()
 
 
 def codes_in_use(head: ProtoQuantHead) -> torch.Tensor:

@@ -94,7 +94,7 @@ def check_output(out: str | Path, *, is_ours: Callable[[Path], bool], what: str,
     if out.is_dir() and not out.is_symlink() and is_ours(out):
         return True
     found = (describe(out) if describe else None) or describe_path(out)
-    hint = (f"{option} --overwrite replaces only {what} made by protoquant" if overwrite
+    hint = (f"--overwrite replaces only {what} made by protoquant" if overwrite
             else "protoquant never replaces what it did not make")
     raise ProtoquantError(f"{option} {out} is {found}, not {what}: choose another path ({hint}), "
                           "or move it away yourself")
@@ -164,8 +164,8 @@ class OwnerLock:
         except (ValueError, KeyError, TypeError, OSError):
             raise ProtoquantError(f"{self.path} is not a protoquant lock (unreadable owner): if no protoquant "
                                   f"process writes {self.what}, delete {self.path}") from None
-        if host == socket.gethostname() and not _pid_alive(pid):
-            self.path.unlink(missing_ok=True)  # stale: its writer is gone
+        if host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid)):
+            self.path.unlink(missing_ok=True)  # stale: its writer is gone (or was an earlier, failed call of ours)
             return
         raise ProtoquantError(f"{self.what} is being written by process {pid} on {host} (lock {self.path}): "
                               f"wait for it to finish; if that process is gone, delete {self.path}")
@@ -174,3 +174,14 @@ class OwnerLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def release_own_lock(out: str | Path) -> None:
+    """Remove `out`'s lock when this process holds it (a lock taken in one function, released in another)."""
+    path = OwnerLock(out, "").path
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(holder, dict) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        path.unlink(missing_ok=True)

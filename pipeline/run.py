@@ -13,13 +13,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from pipeline.errors import ProtoquantError
 from pipeline.io import read_json
-from pipeline.paths import check_output, remove_ours
+from pipeline.paths import OwnerLock, check_output, release_own_lock, remove_ours
 
 RUN_FORMAT = "protoquant-run"
 RUN_VERSION = 1
@@ -44,9 +45,10 @@ def is_run_dir(path: Path) -> bool:
     return value.get("format") == RUN_FORMAT or value.get("command") in ("train", "prune")
 
 
-def check_run_out(out: Path, *, overwrite: bool) -> None:
-    """Refuse an --out that exists and is not a run protoquant may replace (pipeline.paths holds the rule)."""
-    if check_output(out, is_ours=is_run_dir, what="a run", overwrite=overwrite) and not overwrite:
+def check_run_out(out: Path, *, overwrite: bool, sources: Iterable[Path] = ()) -> None:
+    """Refuse an --out that exists and is not a run protoquant may replace (pipeline.paths holds the rule),
+    or that is, holds or lies inside one of the command's inputs (`sources`: the cache, the codebook, the run)."""
+    if check_output(out, is_ours=is_run_dir, what="a run", overwrite=overwrite, sources=sources) and not overwrite:
         raise ProtoquantError(f"--out {out} already exists: choose another path, or pass --overwrite to replace it")
 
 
@@ -66,10 +68,12 @@ class RunDir:
     discarded_checkpoint: bool  # a stopped run was there and was thrown away (no --resume)
 
 
-def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> RunDir:
-    """Check RUN may be written and set up its work dir (resumed, or fresh)."""
+def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool, sources: Iterable[Path] = ()) -> RunDir:
+    """Check RUN may be written, take its writer lock (`.RUN.lock`, released by finish_run_dir) and set up
+    its work dir (resumed, or fresh). A second command writing the same RUN is refused, naming the first."""
     out = Path(out)
-    check_run_out(out, overwrite=overwrite)
+    check_run_out(out, overwrite=overwrite, sources=sources)
+    OwnerLock(out, f"run {out}").acquire()
     work = work_dir_for(out)
     had_checkpoint = (work / CHECKPOINT).is_file()
     if resume and had_checkpoint:
@@ -88,6 +92,13 @@ def prepare_run_dir(out: Path, *, overwrite: bool, resume: bool) -> RunDir:
 def finish_run_dir(work: Path, out: Path) -> None:
     """Move the finished work dir onto RUN in one rename (an old run at RUN, with --overwrite, is removed after)."""
     (work / CHECKPOINT).unlink(missing_ok=True)
+    try:
+        _move_into_place(work, out)
+    finally:
+        release_own_lock(out)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
     if _absent_or_empty(out) and out.exists():
         out.rmdir()
     if out.exists():
@@ -163,7 +174,7 @@ def open_run(path: str | Path) -> Run:
         if path.exists():
             raise ProtoquantError(f"run {path} is a file, not a run directory: pass the folder `protoquant train` wrote")
         hint = (f"; a stopped run is in {partial}: continue it with `protoquant train ... --out {path} --resume`"
-                if partial.exists() else "; make one with `protoquant train CACHE --codebook CODEBOOK --out RUN`")
+                if (partial / CHECKPOINT).is_file() else "; make one with `protoquant train CACHE --codebook CODEBOOK --out RUN`")
         raise ProtoquantError(f"run {path} does not exist{hint}")
     config = read_json(path / "config.json", f"{path} is not a protoquant run (make one with `protoquant train`)")
     _check_config(config, path)

@@ -61,6 +61,18 @@ class TrainSettings:
     use_views: bool = True            # draw one cached augmented view per image and epoch, when present
     use_backbone_head: bool = False
     device: str = "auto"
+    # After stage B (pipeline/sparsity.py, pipeline/grounding.py push_codes):
+    ground: bool = True               # every code becomes its nearest training patch (grounding 1.0)
+    sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
+    sparsity_tolerance: float = 0.01  # path: the sparsest head within this of the best validation top-1
+    sparsity_k: int = 5               # topk: weights kept per class
+    finetune_epochs: int = 20         # W only, after a topk cut or a push without the path refit
+    path_points: int = 40
+    path_l1_ratio: float = 0.9
+    path_relax: bool = False
+
+
+SPARSITY_METHODS = ("path", "topk", "none")
 
 
 def check_train_settings(s: TrainSettings) -> None:
@@ -79,6 +91,14 @@ def check_train_settings(s: TrainSettings) -> None:
         raise ProtoquantError(f"--tau must be a finite number > 0, got {s.tau}")
     if not (0 <= s.label_smoothing < 1):
         raise ProtoquantError(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
+    if s.sparsity not in SPARSITY_METHODS:
+        raise ProtoquantError(f"--sparsity {s.sparsity!r} is not a method: choose one of {', '.join(SPARSITY_METHODS)}")
+    if not (0 <= s.sparsity_tolerance < 1):
+        raise ProtoquantError(f"--sparsity-tolerance must be in [0, 1), got {s.sparsity_tolerance}")
+    if s.sparsity_k < 1 or s.finetune_epochs < 0 or s.path_points < 1 or not (0 < s.path_l1_ratio <= 1):
+        raise ProtoquantError(f"--sparsity-k (>= 1, got {s.sparsity_k}), --finetune-epochs (>= 0, got "
+                              f"{s.finetune_epochs}), path points (>= 1, got {s.path_points}) and path l1 ratio "
+                              f"(in (0, 1], got {s.path_l1_ratio}) are out of range")
     if not (0 < s.val_fraction < 1):
         raise ProtoquantError(f"--val-fraction must be in (0, 1), got {s.val_fraction}: every phase selects its "
                               "best epoch on the validation split carved from train")
@@ -329,7 +349,8 @@ def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int,
 
     s = settings
     groups = [{"params": [head.weight], "lr": s.head_lr, "weight_decay": s.weight_decay}]
-    if s.train_codes:  # a relative rate: the same setting suits backbones whose features differ in scale
+    if s.train_codes and isinstance(head.codes, nn.Parameter):  # a grounded head's codes are buffers: they stay
+        # a relative rate: the same setting suits backbones whose features differ in scale
         rms = float(head.codes.detach().pow(2).mean().sqrt())
         groups.append({"params": [head.codes], "lr": s.codes_lr * rms, "weight_decay": 0.0})
     penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None

@@ -22,6 +22,7 @@ from pipeline.codebook import (assign_codes_with_scores, random_orthogonal_codes
                                save_codebook, spherical_kmeans)
 from pipeline.data import usable_rows
 from pipeline.errors import ProtoquantError
+from pipeline.io import check_artifact_out
 
 INITS = ("kmeans", "random")
 
@@ -109,6 +110,7 @@ def build_codebook(cache_path: str | Path, out: str | Path, settings: CodebookSe
     if settings.k < 1:
         raise ProtoquantError(f"-k must be at least 1, got {settings.k}")
     cache = Cache(cache_path)
+    check_artifact_out(out, kind="codebook", inside_forbidden=[cache.path])
     cache.require_complete()
     split = cache.split("train")
     rows = usable_rows(split)

@@ -2,10 +2,19 @@
 DATA, the interpretability metrics too.
 
     evaluate(RUN) -> Evaluation                         from the cache alone
-    interpretability_metrics(RUN, DATA) -> {"grounding", "purity", "misalignment", "stability", "deletion"}
-        grounding and purity come from the cache alone (purity needs part keypoints); the other three
-        run up to settings.max_images test images through the backbone. A metric whose annotations
-        are missing is {"skipped": "why"}.
+    interpretability_metrics(RUN, DATA) -> {"grounding", "purity", "purity_strict", "evidence_on_defining_parts",
+                                            "misalignment", "stability", "deletion"}
+        grounding, both purities (they need part keypoints) and the evidence on defining parts (it needs
+        the parts that define each class: make-birds' class_attributes.txt) come from the cache alone;
+        the other three run up to settings.max_images test images through the backbone. A metric
+        whose annotations are missing is {"skipped": "why"}.
+
+Local explanation size has two published definitions, and evaluate reports both, by name:
+    local_size_weights_above_0_1   per class, the weights relu(W) > 0.1 (the authors' calculate_local_size),
+                                   averaged over classes
+    local_size_pipnet              per image, the codes with presence >= 0.1 whose contribution to the
+                                   predicted class exceeds 1e-3 (PIP-Net), averaged over images
+    local_size                     the first again, for readers written before the split
 
 Nothing here is selected or tuned on what it measures: evaluate only reads a finished run.
 """
@@ -22,15 +31,14 @@ from pipeline.cache import Cache
 from pipeline.cards import GROUNDING_TOP
 from pipeline.data import evaluation_source, usable_rows
 from pipeline.devices import resolve_device
+from pipeline.errors import ProtoquantError
 from pipeline.geometry import Preprocessing
 from pipeline.grounding import SplitImages, grounding_for_run
 from pipeline.inference import ImageModel
-from pipeline.metrics import MisalignmentSettings, PartImage, deletion, misalignment, network_view, purity, stability
-from pipeline.model import ProtoQuantHead, class_contributions, codes_in_use, local_explanation_size
+from pipeline.metrics import (MisalignmentSettings, PartImage, deletion, evidence_on_defining_parts, misalignment,
+                              network_view, purity, stability)
+from pipeline.model import ProtoQuantHead, codes_in_use, local_size_per_class, local_size_per_image
 from pipeline.run import open_run_and_cache
-
-LOCAL_THRESHOLD = 1e-3  # a code counts in a local explanation above this fraction of the predicted logit
-
 
 @dataclass
 class Evaluation:
@@ -44,7 +52,9 @@ class Evaluation:
     per_class: dict[str, float]
     codes_used: int           # codes with a positive weight to some class
     codes_total: int
-    local_size: float         # mean number of codes above LOCAL_THRESHOLD of the predicted logit
+    local_size_weights_above_0_1: float  # mean over classes of the weights relu(W) > 0.1 (authors' definition)
+    local_size_pipnet: float  # mean over images of the codes present (>= 0.1) contributing > 1e-3 (PIP-Net)
+    local_size: float         # = local_size_weights_above_0_1, kept for readers written before the split
     w_sparsity: float         # fraction of relu(W) entries that are zero (removed codes' columns included)
     skipped: int              # rows left out because their image was skipped at extraction
 
@@ -90,9 +100,7 @@ def score_head(head: ProtoQuantHead, probe: torch.nn.Module | None, source, clas
         presence = head.presence(f)  # (B, K)
         logits = head.logits_from_presence(presence)  # (B, C)
         predicted = logits.argmax(dim=1)  # (B,)
-        to_predicted = class_contributions(head, presence, predicted)  # (B, K): contributions to the prediction
-        sizes.append(local_explanation_size(to_predicted[:, None, :], logits.gather(1, predicted[:, None]),
-                                            LOCAL_THRESHOLD).cpu())
+        sizes.append(local_size_per_image(head, presence, predicted).cpu())
         top5_hits.append((logits.topk(k5, dim=1).indices.cpu() == labels[:, None]).any(dim=1))
         if probe is not None:
             probe_hits.append(probe(f).argmax(dim=1).cpu() == labels)
@@ -103,11 +111,13 @@ def score_head(head: ProtoQuantHead, probe: torch.nn.Module | None, source, clas
     correct = predicted == labels
     per_class = {name: float(correct[labels == c].mean()) for c, name in enumerate(classes) if (labels == c).any()}
     weight = head.effective_weight()
+    per_class_size = float(local_size_per_class(head).float().mean())
     return Evaluation(
         split=split, n=int(len(labels)), top1=_mean(correct), top5=_mean(torch.cat(top5_hits).numpy() if top5_hits else []),
         probe_top1=_mean(torch.cat(probe_hits).numpy()) if probe_hits else float("nan"), per_class=per_class,
         codes_used=int(codes_in_use(head).sum()), codes_total=int(head.codes.shape[0]),
-        local_size=_mean(torch.cat(sizes).float().numpy() if sizes else []),
+        local_size_weights_above_0_1=per_class_size, local_size_pipnet=_mean(torch.cat(sizes).float().numpy() if sizes else []),
+        local_size=per_class_size,
         w_sparsity=float((weight == 0).float().mean()), skipped=skipped,
     )
 
@@ -138,7 +148,8 @@ class MetricSettings:
 
 def interpretability_metrics(run_path: str | Path, data: str | Path, *, cache: str | Path | None = None,
                              weights: str | Path | None = None, settings: MetricSettings = MetricSettings()) -> dict:
-    """Grounding, purity, misalignment, stability and deletion of RUN; DATA provides the pixels."""
+    """Grounding, both purities, evidence on defining parts, misalignment, stability and deletion of RUN;
+    DATA provides the pixels (and, for a cache extracted before extract recorded them, the class parts)."""
     run, store = open_run_and_cache(run_path, cache)
     store.require_complete()
     head = run.head.eval()
@@ -146,8 +157,12 @@ def interpretability_metrics(run_path: str | Path, data: str | Path, *, cache: s
     grounding = grounding_for_run(run.path, head, store, top=GROUNDING_TOP, device=settings.device)
     result["grounding"] = grounding.summary(codes_in_use(head).cpu().numpy())
     has_parts = "part_locs" in (store.split("train").annotations() or {})
-    result["purity"] = (purity(head, store, top=settings.purity_top, device=settings.device) if has_parts
-                        else {"skipped": "the dataset has no part keypoints (parts/part_locs.txt)"})
+    no_parts = {"skipped": "the dataset has no part keypoints (parts/part_locs.txt)"}
+    if has_parts:
+        result.update(purity(head, store, top=settings.purity_top, device=settings.device))
+    else:
+        result["purity"], result["purity_strict"] = no_parts, no_parts
+    result["evidence_on_defining_parts"] = _defining_parts_evidence(head, store, data, settings, has_parts)
 
     items = load_part_images(store, settings.split, data, settings.max_images)
     preprocessing = Preprocessing.from_cache(store)
@@ -163,6 +178,31 @@ def interpretability_metrics(run_path: str | Path, data: str | Path, *, cache: s
     result["deletion"] = (deletion(model, with_parts, preprocessing, seed=settings.seed) if with_parts
                           else {"skipped": "the dataset has no part keypoints (parts/part_locs.txt)"})
     return result
+
+
+def class_parts_of(cache: Cache, data: str | Path | None) -> list[list[str]] | None:
+    """Which parts define each class: recorded in the cache by extract, else read from DATA."""
+    recorded = cache.attrs.get("class_parts")
+    if recorded is not None or data is None:
+        return recorded
+    from pipeline.datasets import open_dataset
+
+    dataset = open_dataset(data)
+    if dataset.class_parts is not None and dataset.classes != list(cache.attrs.get("classes") or []):
+        raise ProtoquantError(f"{data} has other classes than {cache.path}: pass --data with the dataset the cache "
+                              "was extracted from")
+    return dataset.class_parts
+
+
+def _defining_parts_evidence(head: ProtoQuantHead, cache: Cache, data: str | Path | None, settings: MetricSettings,
+                             has_parts: bool) -> dict:
+    class_parts = class_parts_of(cache, data)
+    if class_parts is None:
+        return {"skipped": "the dataset does not say which parts define each class (class_attributes.txt, "
+                           "written by `protoquant make-birds`)"}
+    if not has_parts:
+        return {"skipped": "the dataset has no part keypoints (parts/part_locs.txt)"}
+    return evidence_on_defining_parts(head, cache, class_parts, split=settings.split, device=settings.device)
 
 
 def load_part_images(cache: Cache, split: str, data: str | Path, limit: int) -> list[PartImage]:

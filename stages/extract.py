@@ -24,7 +24,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from pipeline.backbones import Backbone, extract_grid, load_backbone
+from pipeline.backbones import AUTOCAST_DTYPE, FINAL, Backbone, extract_grid, load_backbone
 from pipeline.cache import (NOT_WRITTEN, Cache, SplitPlan, create_cache, describe_foreign_cache, is_protoquant_cache,
                             plan_shards, settings_hash, write_shard)
 from pipeline.datasets import Dataset, Record, load_image, open_dataset
@@ -35,6 +35,9 @@ from pipeline.images import crop_box
 from pipeline.paths import OwnerLock, check_output, refuse_url, remove_ours
 from pipeline.progress import progress_bar
 from pipeline.views import view_transform
+
+
+BOX_CROP_PCT, BOX_CROP_MODE = 1.0, "squash"  # --crop-to-box default: the whole box, resized to S x S
 
 
 @dataclass
@@ -148,6 +151,7 @@ def _settings(dataset: Dataset, backbone: Backbone, *, views: int, view_seed: in
         "dataset_kind": dataset.kind, "split_sizes": {k: len(v) for k, v in dataset.splits.items()},
         "views": views, "view_seed": view_seed, "crop_to_box": crop_to_box, "row_order_seed": row_order_seed,
         "rows_per_shard": rows_per_shard,
+        **({"layers": list(backbone.layers)} if backbone.layers != (FINAL,) else {}),  # older caches resume as before
     }
 
 
@@ -257,8 +261,18 @@ def extract(
     model_kwargs: dict | None = None,
     kind: str = "auto",
     progress: bool = False,
+    layers: str | tuple | None = None,
+    crop_pct: float | None = None,
+    crop_mode: str | None = None,
 ) -> ExtractSummary:
-    """Extract every split of `data` into the Zarr store `out` (resuming an interrupted run)."""
+    """Extract every split of `data` into the Zarr store `out` (resuming an interrupted run).
+
+    `layers` picks the maps of the grid (pipeline/backbones.py; None = the final map); `crop_pct` and
+    `crop_mode` override timm's data config. With `crop_to_box` and neither given, the box crop is
+    squashed to the input size with nothing cut (the paper's CUB transform; METHOD.md pitfall 6).
+    """
+    if crop_to_box and crop_pct is None and crop_mode is None:
+        crop_pct, crop_mode = BOX_CROP_PCT, BOX_CROP_MODE
     started = time.perf_counter()
     refuse_url(out, "--out")
     out = Path(out)
@@ -276,7 +290,8 @@ def extract(
             raise ProtoquantError(f"--crop-to-box needs bounding boxes, but {data} has none (CUB layout with "
                                   "bounding_boxes.txt, or shards written from one); drop --crop-to-box")
         net = load_backbone(backbone, pretrained=pretrained, weights=weights, image_size=image_size,
-                            device=device, model_kwargs=model_kwargs)
+                            device=device, model_kwargs=model_kwargs, layers=layers, crop_pct=crop_pct,
+                            crop_mode=crop_mode)
         splits = {name: _ordered(records, row_order_seed) for name, records in dataset.splits.items()}
         settings = _settings(dataset, net, views=views, view_seed=view_seed, crop_to_box=crop_to_box,
                              row_order_seed=row_order_seed, rows_per_shard=rows_per_shard)
@@ -287,7 +302,7 @@ def extract(
             cache = create_cache(
                 out, settings=settings, grid=net.grid, dim=net.dim, rows_per_shard=rows_per_shard, splits=plans,
                 attrs={"provenance": net.provenance(), "classes": dataset.classes, "part_names": dataset.part_names,
-                       "source": {"path": str(Path(data).resolve()) if Path(data).exists() else str(data),
+                       "class_parts": dataset.class_parts, "source": {"path": str(Path(data).resolve()) if Path(data).exists() else str(data),
                                   "kind": dataset.kind},
                        "crop_to_box": crop_to_box, "views": views},
             )
@@ -359,7 +374,7 @@ def _extract_split(cache: Cache, name: str, records: list[Record], shards: list[
             if views:
                 buffers["views"] = np.empty((n, views, h, w, net.dim), np.float16)
         flat = images.flatten(0, 1).to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=AUTOCAST_DTYPE, enabled=use_amp):
             grid = extract_grid(net, flat).float().half()
         if not torch.isfinite(grid).all():
             raise ProtoquantError(f"the backbone produced non-finite features for rows {rows[0]}..{rows[-1]} of {name}; "

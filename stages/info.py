@@ -50,6 +50,25 @@ def describe(path: str | Path, *, verify: bool = False) -> dict:
         "classes": cache.classes,
         "part_names": cache.attrs.get("part_names"),
         "splits": splits,
+        "grid_cost": grid_cost(cache.provenance, sum(s["shape"][0] * (1 + s["views"]) for s in splits.values())),
+    }
+
+
+def grid_cost(provenance: dict, images: int) -> dict:
+    """What the cache's choice of grid costs: cells per image (stage B work grows with them), float16
+    bytes per image and for the whole cache, and the layers it came from (a cache made before --layers
+    was recorded read the final map)."""
+    height, width = (int(v) for v in provenance["grid"])
+    dim = int(provenance["dim"])
+    per_image = height * width * dim * 2  # float16
+    return {
+        "layers": provenance.get("layers") or ["final"],
+        "layer_shapes": provenance.get("layer_shapes") or [[height, width, dim]],
+        "cells": height * width,
+        "dim": dim,
+        "bytes_per_image": per_image,
+        "images": images,
+        "gigabytes": round(per_image * images / 1e9, 4),
     }
 
 

@@ -4,10 +4,13 @@ In this order:
 1. drop_codes: remove named codes everywhere (editing; the code leaves the softmax over codes).
 2. min_usage: remove codes chosen (argmax by cosine) by less than this fraction of the patches of the
    TRAINING split - train and validation rows, never test (METHOD.md pitfall 2).
-3. top_k_per_class: keep each class's k largest weights among the remaining codes, zero the others,
-   then remove the codes no class uses (they leave the softmax, as METHOD.md says). A zero weight is
-   dead for good (relu), so fine-tuning trains only the kept ones.
-4. finetune_epochs: stage B again on the training rows, best epoch chosen on validation.
+3. top_k_per_class: keep each class's k largest weights among the remaining codes and zero the others;
+   every code stays in the softmax over codes. Alone, this is the paper's interpretability/accuracy
+   curve (no retraining). A zero weight is dead for good (relu), so fine-tuning trains only the kept ones.
+4. drop_unused: remove the codes no class uses (out of the softmax: the others' presence renormalises).
+   With top_k_per_class and finetune_epochs this is the paper's stage 2b (cut, remove, fine-tune);
+   without fine-tuning it changes every presence value of a head trained with those codes present.
+5. finetune_epochs: stage B again on the training rows, best epoch chosen on validation.
 Accuracy is reported before and after on validation (what pruning may be judged on) and, for
 information only, on test.
 
@@ -33,7 +36,7 @@ from pipeline.codebook import code_usage
 from pipeline.data import evaluation_source, open_training_data, parse_memory, usable_rows
 from pipeline.errors import ProtoquantError
 from pipeline.grounding import SplitImages, grounding_for_run
-from pipeline.model import ProtoQuantHead, codes_in_use, keep_top_k_per_class, save_head
+from pipeline.model import ProtoQuantHead, codes_in_use, drop_unused_codes, keep_top_k_weights, save_head
 from pipeline.devices import resolve_device
 from pipeline.distributed import Distributed
 from pipeline.io import write_json, write_log
@@ -48,8 +51,9 @@ class PruneSettings:
     """Options of `protoquant prune`."""
 
     min_usage: float = 0.0               # fraction of training patches; 0 = keep every code
-    top_k_per_class: int | None = None   # None = keep every weight
+    top_k_per_class: int | None = None   # None = keep every weight; all codes stay in the softmax
     drop_codes: tuple[int, ...] = ()
+    drop_unused: bool = False            # remove the codes no class uses (stage 2b, before fine-tuning)
     finetune_epochs: int = 0
 
 
@@ -60,6 +64,7 @@ class PruneResult:
     after: dict
     removed_named: list[int] = field(default_factory=list)
     removed_by_usage: list[int] = field(default_factory=list)
+    removed_unused: list[int] = field(default_factory=list)  # by drop_unused: no class weighed them
     report: Path | None = None        # OUT/report/index.html: removed codes, accuracy, changed predictions
     report_skipped: str | None = None  # why no report was written (the run itself is complete)
 
@@ -89,7 +94,7 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     by default the dataset recorded in the cache). A report that cannot be made does not undo the run.
     """
     out = Path(out)
-    check_run_out(out, overwrite=overwrite)
+    check_run_out(out, overwrite=overwrite, sources=[Path(run_path)] + ([Path(cache)] if cache else []))
     run, store = open_run_and_cache(run_path, cache)
     store.require_complete()
     train_settings = _train_settings(run)
@@ -121,7 +126,8 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     if by_usage:
         head.remove_codes(by_usage)
     if settings.top_k_per_class is not None:
-        keep_top_k_per_class(head, settings.top_k_per_class)
+        keep_top_k_weights(head, settings.top_k_per_class)
+    unused = drop_unused_codes(head) if settings.drop_unused else []
     history = []
     if settings.finetune_epochs > 0:
         phase = head_phase("finetune", head, train_settings, settings.finetune_epochs, training.val, where, Distributed(device=where))
@@ -131,7 +137,7 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
                                 on_epoch=lambda state: display.update(state.history[-1])).history
     after = measure()
 
-    work = prepare_run_dir(out, overwrite=overwrite, resume=False).work
+    work = prepare_run_dir(out, overwrite=overwrite, resume=False, sources=[run.path, store.path]).work
     config = {**run.config, **run_config({}), "command": "prune", "parent": str(run.path.resolve()), "prune": asdict(settings)}
     save_head(work / "head.safetensors", head, classes=run.classes,
               meta={"cache_fingerprint": store.fingerprint, "settings": run.config["settings"], "prune": asdict(settings)})
@@ -139,10 +145,10 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
         shutil.copy2(run.path / "probe.safetensors", work / "probe.safetensors")
     write_json(work / "config.json", config)
     write_json(work / "metrics.json", {"before": before, "after": after, "removed_named": list(settings.drop_codes),
-                                       "removed_by_usage": by_usage})
+                                       "removed_by_usage": by_usage, "removed_unused": unused})
     write_log(work / "log.jsonl", history)
     finish_run_dir(work, out)
-    result = PruneResult(out, before, after, list(settings.drop_codes), by_usage)
+    result = PruneResult(out, before, after, list(settings.drop_codes), by_usage, unused)
     if report:
         try:
             result.report = prune_report(run_path, out, out / "report", cache=store.path, data=data).index

@@ -7,13 +7,20 @@ Three phases, each selecting its best epoch on a validation split carved from tr
                quantized grid through the frozen probe; cross-entropy + dictionary MSE; only codes learn
     head       stage B: cosine similarity, softmax over codes (tau), spatial max, relu(W) with
                W ~ N(1, 0.1); codes frozen unless train_codes; optional L1 on relu(W)
+    ground     (no epochs) with ground, every code becomes its nearest training patch (ProtoPNet's push)
+    sparsity   path: W refit on the cached presence by a non-negative elastic-net path, the sparsest
+               point within sparsity_tolerance of the best validation top-1 kept (pipeline/sparsity.py);
+               topk: the paper's stage 2b (per-class top-k, unused codes removed, then the phase below)
+    finetune   W only, after a topk cut, or after a push when sparsity is none
 
 RUN is written into a temporary directory beside it (`.RUN.partial`, which also holds the checkpoint
 that --resume continues from after every epoch) and renamed onto RUN at the end:
     head.safetensors   codes, W, code mask, tau, class names (pipeline.model.save_head)
     probe.safetensors  the linear probe (absent with use_backbone_head)
     config.json        every setting, the cache (path, fingerprint, provenance), codebook, versions
-    metrics.json       validation accuracy of probe / quantized probe / head, best epochs, timings
+    metrics.json       validation accuracy of probe / quantized probe / head, best epochs, timings, the
+                       grounding, and with sparsity path the whole accuracy-vs-size curve and its chosen point
+    sparsity.svg       that curve (sparsity path only)
     log.jsonl          one record per epoch and phase
 """
 
@@ -22,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -34,21 +41,26 @@ from torch import nn
 
 from pipeline.cache import Cache
 from pipeline.codebook import check_fingerprint, load_codebook
-from pipeline.data import TrainingData, open_training_data, parse_memory
+from pipeline.data import FeatureSource, SourceSettings, TrainingData, open_training_data, parse_memory
 from pipeline.devices import resolve_device
 from pipeline.distributed import Distributed, init_distributed
 from pipeline.errors import ProtoquantError
-from pipeline.io import read_artifact, write_artifact, write_json, write_log
-from pipeline.model import ProbeHead, ProtoQuantHead, backbone_head, codes_in_use, save_head, save_probe, stage_a_loss
+from pipeline.grounding import push_codes
+from pipeline.io import read_artifact, write_artifact, write_json, write_log, write_text_atomic
+from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_use, drop_unused_codes,
+                            keep_top_k_weights, local_size_per_class, save_head, save_probe, stage_a_loss)
+from pipeline.plots import Series, line_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, run_config
+from pipeline.sparsity import PathSettings, refit_head
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, check_train_settings,
                                classification_loss, code_grounding, head_phase, optimizer_from_artifact,
                                optimizer_to_artifact, run_phase, state_to_tensors, tensors_to_state)
 
 __all__ = ["TrainSettings", "TrainResult", "train"]
 
-PHASES = ("probe", "codebook", "head")
+PHASES = ("probe", "codebook", "head", "finetune")
+SPARSITY_PLOT = "sparsity.svg"
 # Settings that may differ when a stopped run is resumed (they do not change what is computed).
 RESUMABLE_CHANGES = ("device",)
 
@@ -98,7 +110,8 @@ def train(
     if codes.shape[1] != cache.dim:
         raise ProtoquantError(f"codebook {codebook_path} has {codes.shape[1]}-dimensional codes but cache {cache.path} "
                               f"holds {cache.dim}-dimensional features: build the codebook from this cache")
-    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume) if dist.is_main else None
+    sources = [cache.path, Path(codebook_path)]
+    run_dir = prepare_run_dir(out, overwrite=overwrite, resume=resume, sources=sources) if dist.is_main else None
     dist.barrier()
     work = out.parent / f".{out.name}.partial" if run_dir is None else run_dir.work
     split = cache.split("train")
@@ -126,6 +139,8 @@ def train(
             save_probe(work / "probe.safetensors", probe, classes=classes, meta=meta)
         write_json(work / "config.json", config)
         write_json(work / "metrics.json", metrics)
+        if trainer.path_points:
+            write_text_atomic(work / SPARSITY_PLOT, sparsity_chart(metrics["sparsity"]))
         write_log(work / "log.jsonl", trainer.history())
         finish_run_dir(work, out)
     dist.barrier()
@@ -142,6 +157,9 @@ class _Trainer:
         self.work, self.config, self.states, self.user_on_epoch = work, config, states, on_epoch
         self.display: EpochDisplay | None = None
         self.val_scores: dict[str, float] = {}
+        self.push: dict = {"pushed": False}
+        self.sparsity: dict = {"method": settings.sparsity}
+        self.path_points: list[dict] = []
 
     # --- the phases ---
 
@@ -182,8 +200,36 @@ class _Trainer:
         s = self.settings
         head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed).to(self.device)
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
+        self.val_scores["stage_b"] = self._val(head)
+        if s.ground:
+            self.push = push_codes(head, self._scan(self.data.train_rows).batches(0), device=self.device)
+            _freeze_codes(head)
+        if s.sparsity == "path":
+            self._refit(head)
+        elif s.sparsity == "topk":
+            keep_top_k_weights(head, s.sparsity_k)  # the paper's stage 2b: the cut, then the unused codes go
+            drop_unused_codes(head)
+        if s.sparsity == "topk" or (s.sparsity == "none" and s.ground):
+            self._run(head_phase("finetune", head, replace(s, train_codes=False), s.finetune_epochs, self.data.val,
+                                 self.device, self.dist))
         self.val_scores["head"] = self._val(head)
         return head.eval()
+
+    def _refit(self, head: ProtoQuantHead) -> None:
+        """W := the chosen point of the elastic-net path on the cached presence (the codes stay as they are)."""
+        s = self.settings
+        settings = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, tolerance=s.sparsity_tolerance,
+                                relax=s.path_relax)
+        started = time.perf_counter()
+        record = refit_head(head, self._scan(self.data.train_rows).batches(0), self._scan(self.data.val_rows).batches(0),
+                            settings, device=self.device)
+        self.path_points = record["curve"]
+        self.sparsity |= record | {"seconds": round(time.perf_counter() - started, 3)}
+
+    def _scan(self, rows) -> FeatureSource:
+        """Every one of `rows` in row order, original grids, on every rank alike (the push and the refit must
+        give each rank the same head)."""
+        return FeatureSource(self.data.train.split, rows, SourceSettings(256, shuffle=False), ram=self.data.ram)
 
     # --- shared pieces ---
 
@@ -251,9 +297,11 @@ class _Trainer:
         in_use = codes_in_use(head).cpu()
         return {
             "val_top1": {"probe": self.val_scores.get("probe"), "quantized_probe": self.val_scores.get("quantized_probe"),
-                         "head": self.val_scores.get("head")},
+                         "stage_b": self.val_scores.get("stage_b"), "head": self.val_scores.get("head")},
             "grounding": {"mean_max_cosine": float(grounding.mean()),
-                          "mean_max_cosine_in_use": float(grounding[in_use].mean()) if in_use.any() else float("nan")},
+                          "mean_max_cosine_in_use": float(grounding[in_use].mean()) if in_use.any() else float("nan"),
+                          **self.push},
+            "sparsity": {**self.sparsity, "local_size": _local_size(head)},
             "best_epoch": best, "phase_seconds": seconds, "codes_in_use": int(codes_in_use(head).sum()),
             "k": int(codes.shape[0]), "n_train": int(len(self.data.train_rows)), "n_val": int(len(self.data.val_rows)),
             "data_path": "ram" if self.data.in_ram else "stream", "views": self.data.views,
@@ -278,6 +326,33 @@ def _config(cache: Cache, codebook_path, codebook_meta: dict, codes: torch.Tenso
                      "python": platform.python_version()},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
+
+
+def _freeze_codes(head: ProtoQuantHead) -> None:
+    """Codes that are training patches stay so: a buffer, saved with train_codes False, which no later
+    fine-tuning (finetune here, prune's) moves."""
+    codes = head.codes.detach().clone()
+    del head.codes
+    head.register_buffer("codes", codes)
+    head.train_codes = False
+
+
+def _local_size(head: ProtoQuantHead) -> dict:
+    """The authors' local size: weights relu(W) > 0.1 per class, mean and max over classes."""
+    per_class = local_size_per_class(head).float()
+    return {"mean": float(per_class.mean()), "max": int(per_class.max())}
+
+
+def sparsity_chart(sparsity: dict) -> str:
+    """The path's validation accuracy against its local size, the chosen point marked (SVG)."""
+    curve = sparsity.get("curve", [])
+    chosen = sparsity.get("chosen") or {}
+    series = [Series("validation top-1 along the path", [(p["local_size"], p["val_top1"]) for p in curve])]
+    if chosen:
+        series.append(Series(f"chosen ({chosen['local_size']:.1f} weights per class)",
+                             [(chosen["local_size"], chosen["val_top1"])]))
+    return line_chart(series, title="accuracy vs explanation size (elastic-net path)",
+                      x_label="weights > 0.1 per class (mean)", y_label="validation top-1", y_range=(0.0, 1.0))
 
 
 def _digest(codes: torch.Tensor) -> str:

@@ -82,7 +82,7 @@ def test_every_device_option_defaults_to_auto() -> None:
     group = cli.typer.main.get_command(cli.app)
     defaults = {name: next(p.default for p in command.params if p.name == "device")
                 for name, command in group.commands.items() if any(p.name == "device" for p in command.params)}
-    assert set(defaults) == {"codebook", "extract", "train", "evaluate", "predict", "prune", "gallery", "explain"}
+    assert set(defaults) == {"codebook", "extract", "train", "sweep", "evaluate", "predict", "prune", "gallery", "explain"}
     assert set(defaults.values()) == {"auto"}
 
 

@@ -367,7 +367,7 @@ def test_cli_shards_writes_summarises_and_refuses_a_full_dir(imagefolder_data: D
 
     result = runner.invoke(cli.app, args)
     assert result.exit_code != 0
-    assert result.exit_code == 2 and "not empty" in result.stderr  # one `error:` line
+    assert result.exit_code == 2 and "already holds shards" in result.stderr  # one `error:` line
 
     result = runner.invoke(cli.app, [*args[:-1], "100", "--overwrite", "--json"])
     assert result.exit_code == 0, result.output

@@ -122,3 +122,28 @@ def test_preprocessing_from_a_real_backbone_provenance():
     boxes = receptive_boxes(preprocessing, rows, np.array([[[1, 0], [0, 0]]]), np.array([[10, 10], [97, 150]]), None)
     np.testing.assert_allclose(boxes[0, 0], preprocessing.image((97, 150)).cell_box(1, 0))
     assert np.isnan(boxes[0, 1]).all()  # empty slot
+
+
+@pytest.mark.parametrize("mode,crop_pct", [("center", 0.9), ("squash", 1.0), ("squash", 0.8), ("border", 0.95)])
+def test_extract_crop_options_reach_the_transform_and_the_geometry_alike(mode, crop_pct):
+    """--crop-mode / --crop-pct as extract records them: the backbone's own transform and the geometry
+    read from its provenance place every input pixel in the original pixel timm sampled."""
+    backbone = load_backbone("test_resnet", image_size=64, layers="2,final", crop_mode=mode, crop_pct=crop_pct)
+    preprocessing = Preprocessing.from_provenance(backbone.provenance())
+    assert preprocessing == Preprocessing((64, 64), crop_pct, mode, (8, 8))  # the finest grid's cells
+    image = coordinate_image(150, 97)
+    assert backbone.transform.transforms[0](image).size == preprocessing.resized_size(150, 97)
+    plain = {"interpolation": "nearest", "mean": (1.0, 1.0, 1.0), "std": (1.0, 1.0, 1.0)}  # padding decodes as PADDED
+    nearest = create_transform(**{**backbone.data_config, **plain}, is_training=False, normalize=False)
+    seen_x, seen_y = decode(nearest(image).numpy())
+    rows, cols = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+    geometry = preprocessing.image((150, 97))
+    x, y = geometry.to_original(cols + 0.5, rows + 0.5)
+    real = seen_x < PADDED
+    assert np.array_equal(real, geometry._in_region(x, y))
+    assert np.all((seen_x[real] - 1e-6 <= x[real]) & (x[real] < seen_x[real] + 1 + 1e-6))
+    assert np.all((seen_y[real] - 1e-6 <= y[real]) & (y[real] < seen_y[real] + 1 + 1e-6))
+    # an 8-px cell of the input is the receptive cell: its box holds exactly the pixels sampled in it
+    box = geometry.cell_box(3, 5)
+    inside = seen_x[24:32, 40:48], seen_y[24:32, 40:48]
+    assert box_contains(box, inside[0] + 0.5, inside[1] + 0.5).all()

@@ -81,13 +81,13 @@ def test_new_images_get_the_cached_predictions_when_timm_resolves_another_config
 def test_on_cuda_new_images_run_under_extractions_autocast(cached) -> None:
     root = cached["root"]
     extract(root / "data", root / "cuda.zarr", backbone="test_resnet", image_size=64, workers=0, batch_size=4,
-            device="cuda")  # bf16 autocast, channels-last
+            device="cuda")  # float16 autocast (AUTOCAST_DTYPE), channels-last
     cache = Cache(root / "cuda.zarr")
     images, features = _test_images(cache, root / "data")
     model = ImageModel.for_cache(cache.provenance, copy.deepcopy(cached["head"]), device="cuda")
     assert model.autocast
     got = model.grid(model.batch(images)).cpu()
-    assert (got - features).abs().max() <= 0.02 * features.abs().max()  # bf16 run for bf16 run
+    assert (got - features).abs().max() <= 0.02 * features.abs().max()  # autocast run for autocast run
     expected = outputs_of(cached["head"], features)
     assert model.outputs(model.batch(images)).logits.argmax(1).cpu().tolist() == expected.logits.argmax(1).tolist()
 

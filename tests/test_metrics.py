@@ -24,8 +24,9 @@ from pipeline.cache import Cache
 from pipeline.geometry import Preprocessing
 from pipeline.grounding import (GROUNDING_FILE, codes_digest, ground_codes, grounding_for_run, load_grounding,
                                 top_images)
-from pipeline.metrics import (ImageModel, MisalignmentSettings, PartImage, background_colour, deletion, misalignment,
-                              paint, part_fractions, pgd_outside, purity, random_background_box, stability)
+from pipeline.metrics import (ImageModel, MisalignmentSettings, PartImage, background_colour, deletion,
+                              evidence_on_defining_parts, misalignment, paint, part_fractions, pgd_outside, purity,
+                              random_background_box, stability)
 from pipeline.model import ProtoQuantHead
 from stages.extract import extract
 
@@ -204,14 +205,50 @@ def test_part_fractions_count_visible_keypoints_inside_boxes():
 def test_purity_is_one_for_the_square_code_and_zero_for_the_background_code(squares):
     head = square_head(squares)
     result = purity(head, squares.cache, top=10)
-    assert result["codes"] == 3 and result["top"] == 10
+    strict, protocol = result["purity_strict"], result["purity"]
+    assert strict["codes"] == 3 and strict["top"] == 10
     tops = top_images(head.activation, squares.cache.split("train"), n_codes=3, top=10, images_per_batch=8)
     cells = squares.square_cells("train")
     assert (tops.cells[0] == cells[tops.rows[0]]).all()  # red code: argmax on the square in its top images
     assert not (tops.cells[2] == cells[tops.rows[2]]).all(axis=1).any()  # background code: never on it
-    # per code purity 1.0 (red), 1.0 (blue), 0.0 (background)
-    assert result["mean"] == pytest.approx(2 / 3) and result["above_0_5"] == 2
-    assert result["pure_codes_by_part"] == {"square": 2, "tail": 0}
+    # strict: every code in use; per code purity 1.0 (red), 1.0 (blue), 0.0 (background)
+    assert strict["mean"] == pytest.approx(2 / 3) and strict["above_0_5"] == 2
+    assert strict["pure_codes_by_part"] == {"square": 2, "tail": 0}
+    # the PIP-Net protocol counts codes with a weight > 0.1 only: the background code (0.05) is out
+    assert protocol["codes"] == 2 and protocol["mean"] == pytest.approx(1.0) and protocol["above_0_5"] == 2
+    assert protocol["weight_threshold"] == 0.1 and protocol["never_present"] == 0
+    assert protocol["pure_codes_by_part"] == {"square": 2, "tail": 0}
+    assert not protocol["preprocessing_as_protocol"]  # test_vit's centre crop, 128 px
+
+
+def test_purity_protocol_drops_codes_never_present_above_0_1(squares):
+    head = square_head(squares)
+    never = -head.codes[2]  # opposite to the background: outcompeted by it everywhere, presence ~ e^-20
+    grown = ProtoQuantHead(torch.cat([head.codes, never[None]]), 2, tau=0.1)
+    with torch.no_grad():
+        grown.weight.copy_(torch.tensor([[1.0, 0.0, 0.05, 1.0], [0.0, 1.0, 0.05, 0.0]]))
+    protocol = purity(grown.eval(), squares.cache, top=10)["purity"]
+    assert protocol["never_present"] == 1 and protocol["codes"] == 2 and protocol["mean"] == pytest.approx(1.0)
+
+
+# ---- evidence on defining parts ---------------------------------------------------------------------------------
+
+def test_evidence_on_defining_parts_is_one_when_the_top_code_sits_on_the_defining_part(squares):
+    head = square_head(squares)
+    result = evidence_on_defining_parts(head, squares.cache, [["square"], ["square"]], split="test")
+    assert result["images"] == 8 and result["hits"] == 8 and result["share"] == 1.0  # every test image correct
+    assert result["on_any_part"] == 1.0 and result["by_part"] == {"square": 8}
+    # the tail defines both classes but is never visible: no image's evidence is on it
+    tail = evidence_on_defining_parts(head, squares.cache, [["tail"], ["tail"]], split="test")
+    assert tail["share"] == 0.0 and tail["on_any_part"] == 1.0 and tail["images"] == 8
+
+
+def test_evidence_is_zero_when_the_head_looks_at_the_background(squares):
+    head = square_head(squares)
+    with torch.no_grad():  # the background code is the top evidence of both classes; the squares still decide
+        head.weight.copy_(torch.tensor([[0.6, 0.0, 1.0], [0.0, 0.6, 1.0]]))
+    result = evidence_on_defining_parts(head, squares.cache, [["square"], ["square"]], split="test")
+    assert result["images"] > 0 and result["share"] == 0.0 and result["on_any_part"] == 0.0
 
 
 # ---- misalignment -----------------------------------------------------------------------------------------------

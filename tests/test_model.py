@@ -257,13 +257,14 @@ def test_probe_round_trip_and_kind_check(tmp_path: Path) -> None:
 
 
 def test_keep_top_k_ignores_removed_codes_and_drops_unused_ones() -> None:
-    from pipeline.model import keep_top_k_per_class
+    from pipeline.model import drop_unused_codes, keep_top_k_weights
 
     head = ProtoQuantHead(torch.eye(6), num_classes=2, seed=0)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[9.0, 8.0, 7.0, 1.0, 2.0, 3.0], [9.0, 1.0, 1.0, 8.0, 2.0, 0.5]]))
     head.remove_codes([0, 1])  # the largest weights belong to removed codes: they must not take slots
-    keep_top_k_per_class(head, 2)
+    keep_top_k_weights(head, 2)
+    drop_unused_codes(head)
     weight = head.effective_weight()
     assert ((weight > 0).sum(dim=1) == 2).all()                      # two working weights per class
     assert weight[0].nonzero().flatten().tolist() == [2, 5]
@@ -272,5 +273,7 @@ def test_keep_top_k_ignores_removed_codes_and_drops_unused_ones() -> None:
     head2 = ProtoQuantHead(torch.eye(6), num_classes=2, seed=0)
     with torch.no_grad():
         head2.weight.copy_(torch.tensor([[9.0, 8.0, 0.1, 0.1, 0.1, 0.1], [0.1, 0.1, 9.0, 8.0, 0.1, 0.1]]))
-    keep_top_k_per_class(head2, 2)
+    keep_top_k_weights(head2, 2)
+    assert head2.code_mask.all()  # the curve's cut keeps every code in the softmax
+    drop_unused_codes(head2)
     assert head2.code_mask.tolist() == [True, True, True, True, False, False]  # unused codes leave the softmax

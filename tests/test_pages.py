@@ -195,8 +195,12 @@ def test_cli_gallery_and_explain(birds_run, tmp_path):
 def test_evaluate_hook_reports_every_metric(birds_run):
     metrics = interpretability_metrics(birds_run["run"], birds_run["data"],
                                        settings=MetricSettings(max_images=4, steps=2, batch_size=4))
-    assert set(metrics) == {"grounding", "purity", "misalignment", "stability", "deletion"}
+    assert set(metrics) == {"grounding", "purity", "purity_strict", "evidence_on_defining_parts", "misalignment",
+                            "stability", "deletion"}
     assert 0 <= metrics["purity"]["mean"] <= 1 and metrics["purity"]["codes"] > 0
+    evidence = metrics["evidence_on_defining_parts"]  # make-birds writes class_attributes.txt
+    assert 0 <= evidence["share"] <= evidence["on_any_part"] <= 1 and set(evidence["by_part"]) <= {
+        "beak", "crown", "wing", "tail", "eye"}
     assert 0 <= metrics["stability"]["stability"] <= 1 and metrics["misalignment"]["images"] == 4
     assert metrics["deletion"]["images"] + metrics["deletion"]["skipped"] == 4
     assert 0 < metrics["grounding"]["mean_cosine"] <= 1 + 1e-6

@@ -1,0 +1,239 @@
+"""A sparse head by refitting W on cached presence scores: a non-negative elastic-net path.
+
+Once the codes are fixed, stage B's presence p (N x K, METHOD.md stage B) no longer changes, and the
+head is a multinomial logistic regression on it with W >= 0 and no bias. So instead of training W
+with a penalty and hoping, we solve
+
+    min_W  mean CE(p W^T, y) + lam * (l1_ratio * sum(W) + (1 - l1_ratio) / 2 * ||W||^2)   s.t. W >= 0
+
+for a geometric series of penalties, strongest first, each solve warm-started from the previous one
+(accelerated projected proximal gradient, FISTA with restarts). The strongest penalty is the one at
+which W = 0 is optimal, so the path runs from the empty head to a dense one and gives the whole
+accuracy-vs-size curve in seconds. A point is chosen by one stated rule (`choose_point`): the sparsest
+head whose validation top-1 is within `tolerance` of the best validation top-1 on the path.
+
+Size is the authors' `calculate_local_size` (METHOD.md "Pruning and editing"): per class, the
+number of weights relu(W) > 0.1, averaged over classes.
+
+    PathSettings          how the path is laid out and how a point is chosen
+    presence_matrix       (N, K) presence and (N,) labels of a feature source through a head
+    penalty_max           the weakest penalty at which W = 0 is optimal
+    fit_nonnegative       one elastic-net solve (warm start)
+    regularization_path   every point of the path, scored on validation
+    choose_point          the tolerance rule
+    refit_head            all of it on a head, in place: W := the chosen point
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import ProtoquantError
+
+SIZE_THRESHOLD = 0.1  # the authors' calculate_local_size counts weights above this
+
+
+@dataclass(frozen=True)
+class PathSettings:
+    """Layout of the elastic-net path and the rule that picks its point."""
+
+    points: int = 40              # penalties on the path, geometric from penalty_max down
+    min_ratio: float = 1e-3       # weakest penalty / strongest
+    l1_ratio: float = 0.9         # elastic-net mixing: 1 = lasso; the ridge share keeps weak-penalty heads finite
+    iterations: int = 400         # at most this many proximal steps per point (warm-started)
+    tolerance: float = 0.01       # chosen point: within this of the best validation top-1
+    relax: bool = False           # refit each point's support with the ridge share only (undo the L1 shrinkage)
+
+
+@dataclass
+class PathPoint:
+    """One solve of the path: its penalty, its head weights and how they score."""
+
+    penalty: float
+    weight: torch.Tensor          # (C, K) non-negative
+    val_top1: float
+    train_top1: float
+
+    @property
+    def local_size(self) -> float:
+        """Mean over classes of the weights > 0.1 (the authors' local size)."""
+        return float((self.weight > SIZE_THRESHOLD).sum(dim=1).float().mean())
+
+    @property
+    def max_class_size(self) -> int:
+        return int((self.weight > SIZE_THRESHOLD).sum(dim=1).max())
+
+    @property
+    def nonzero(self) -> int:
+        return int((self.weight > 0).sum())
+
+    @property
+    def codes_in_use(self) -> int:
+        return int((self.weight > 0).any(dim=0).sum())
+
+    def summary(self) -> dict:
+        """The point as JSON-able numbers (no weights)."""
+        return {"penalty": self.penalty, "val_top1": self.val_top1, "train_top1": self.train_top1,
+                "local_size": self.local_size, "max_class_size": self.max_class_size,
+                "nonzero_weights": self.nonzero, "codes_in_use": self.codes_in_use}
+
+
+@torch.no_grad()
+def presence_matrix(head, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Presence p (N, K) float32 and labels (N,) int64 of every batch, on the CPU, in batch order.
+
+    Memory: N * K * 4 bytes (100k images x 2000 codes = 800 MB).
+    """
+    presence, labels = [], []
+    for features, y in batches:
+        presence.append(head.presence(features.to(device)).float().cpu())  # (B, H, W, D) -> (B, K)
+        labels.append(y.cpu())
+    if not presence:
+        raise ProtoquantError("refitting the head needs training rows, and the training share is empty")
+    return torch.cat(presence), torch.cat(labels).long()
+
+
+def _gradient(weight: torch.Tensor, presence: torch.Tensor, onehot: torch.Tensor, ridge: float) -> torch.Tensor:
+    """d/dW of mean CE(p W^T, y) + ridge / 2 * ||W||^2; (C, K)."""
+    probabilities = (presence @ weight.T).softmax(dim=1)  # (N, K) @ (K, C) -> (N, C)
+    return (probabilities - onehot).T @ presence / presence.shape[0] + ridge * weight  # (C, N) @ (N, K)
+
+
+def step_size(presence: torch.Tensor, ridge: float) -> float:
+    """1 / L: the softmax CE's Hessian in the logits is at most 1/2, so L <= ||p||_2^2 / (2N) + ridge."""
+    spectral = float(torch.linalg.matrix_norm(presence, ord=2))
+    return 1.0 / (0.5 * spectral ** 2 / presence.shape[0] + ridge + 1e-12)
+
+
+def penalty_max(presence: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """The smallest lam with W = 0 optimal for l1_ratio = 1: the largest descent slope -grad at W = 0.
+
+    With l1_ratio < 1 the L1 share is lam * l1_ratio, so the path divides this by l1_ratio.
+    """
+    onehot = F.one_hot(labels, num_classes).float()
+    gradient = _gradient(torch.zeros(num_classes, presence.shape[1]), presence, onehot, 0.0)
+    return max(float((-gradient).max()), 1e-12)
+
+
+def fit_nonnegative(presence: torch.Tensor, labels: torch.Tensor, num_classes: int, *, penalty: float,
+                    l1_ratio: float, start: torch.Tensor | None = None, iterations: int = 400,
+                    step: float | None = None, rtol: float = 1e-6) -> torch.Tensor:
+    """One elastic-net solve with W >= 0 by FISTA (restarted when the objective's slope turns); (C, K).
+
+    The proximal map of lam * l1_ratio * sum(W) + [W >= 0] is max(0, V - step * lam * l1_ratio).
+    Stops early when a step moves W by less than rtol of its norm.
+    """
+    with _threads_for(presence.numel() * num_classes):
+        return _fista(presence, labels, num_classes, penalty * (1.0 - l1_ratio), penalty * l1_ratio, start,
+                      iterations, step, rtol)
+
+
+def _fista(presence, labels, num_classes, ridge, shrink, start, iterations, step, rtol) -> torch.Tensor:
+    step = step_size(presence, ridge) if step is None else step
+    onehot = F.one_hot(labels, num_classes).float()
+    weight = torch.zeros(num_classes, presence.shape[1]) if start is None else start.clone()
+    momentum_point, t = weight.clone(), 1.0
+    for _ in range(iterations):
+        gradient = _gradient(momentum_point, presence, onehot, ridge)
+        new = (momentum_point - step * (gradient + shrink)).clamp_min(0.0)
+        if float(((momentum_point - new) * (new - weight)).sum()) > 0:  # restart: momentum points uphill
+            t = 1.0
+        t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+        moved = float((new - weight).norm())
+        momentum_point = new + (t - 1) / t_next * (new - weight)
+        weight, t = new, t_next
+        if moved <= rtol * max(float(weight.norm()), 1e-12):
+            break
+    return weight
+
+
+def _top1(weight: torch.Tensor, presence: torch.Tensor, labels: torch.Tensor) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return float(((presence @ weight.T).argmax(dim=1) == labels).float().mean())
+
+
+def regularization_path(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                        num_classes: int, settings: PathSettings = PathSettings()) -> list[PathPoint]:
+    """Solve the path from the strongest penalty (W = 0) to min_ratio of it; each point scored on val."""
+    presence, labels = train
+    if settings.points < 1 or not 0 < settings.min_ratio <= 1 or not 0 < settings.l1_ratio <= 1:
+        raise ProtoquantError(f"sparsity path settings out of range: points {settings.points} (>= 1), min_ratio "
+                              f"{settings.min_ratio} (in (0, 1]), l1_ratio {settings.l1_ratio} (in (0, 1])")
+    strongest = penalty_max(presence, labels, num_classes) / settings.l1_ratio
+    ratios = [settings.min_ratio ** (i / max(settings.points - 1, 1)) for i in range(settings.points)]
+    weight, points = None, []
+    with _threads_for(presence.numel() * num_classes):
+        for ratio in ratios:
+            penalty = strongest * ratio
+            weight = fit_nonnegative(presence, labels, num_classes, penalty=penalty, l1_ratio=settings.l1_ratio,
+                                     start=weight, iterations=settings.iterations)
+            head = _relaxed(presence, labels, num_classes, weight, penalty, settings) if settings.relax else weight
+            points.append(PathPoint(penalty=penalty, weight=head, val_top1=_top1(head, *val),
+                                    train_top1=_top1(head, presence, labels)))
+    return points
+
+
+def _relaxed(presence: torch.Tensor, labels: torch.Tensor, num_classes: int, weight: torch.Tensor, penalty: float,
+             settings: PathSettings) -> torch.Tensor:
+    """The point's support refit with its ridge share only: the L1 picks the codes, not their size."""
+    support = weight > 0  # (C, K)
+    ridge = max(penalty * (1.0 - settings.l1_ratio), 1e-4)
+    onehot = F.one_hot(labels, num_classes).float()
+    step = step_size(presence, ridge)
+    refit = weight.clone()
+    for _ in range(settings.iterations):
+        refit = ((refit - step * _gradient(refit, presence, onehot, ridge)).clamp_min(0.0)) * support
+    return refit
+
+
+@contextmanager
+def _threads_for(work: int) -> Iterator[None]:
+    """One thread for small solves: thousands of tiny products run many times slower on a busy machine's
+    thread pool than on one core."""
+    before = torch.get_num_threads()
+    if work < 50_000_000:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def choose_point(points: list[PathPoint], tolerance: float) -> int:
+    """Index of the sparsest point (smallest local size) whose val top-1 >= best val top-1 - tolerance.
+
+    Ties go to the higher validation top-1, then to the stronger penalty (earlier on the path).
+    Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
+    """
+    if not points:
+        raise ProtoquantError("the sparsity path is empty")
+    scores = [p.val_top1 for p in points]
+    if all(math.isnan(s) for s in scores):
+        return len(points) - 1
+    best = max(s for s in scores if not math.isnan(s))
+    eligible = [i for i, s in enumerate(scores) if not math.isnan(s) and s >= best - tolerance - 1e-12]
+    return min(eligible, key=lambda i: (points[i].local_size, -scores[i], i))
+
+
+@torch.no_grad()
+def refit_head(head, train_batches, val_batches, settings: PathSettings = PathSettings(), *,
+               device: torch.device | str = "cpu") -> dict:
+    """In place: W := the chosen point of the path on the head's presence (its codes stay). Returns the record
+    (rule, chosen point, the whole curve) that train writes into metrics.json."""
+    train = presence_matrix(head, train_batches, device=device)
+    val = presence_matrix(head, val_batches, device=device)
+    points = regularization_path(train, val, head.weight.shape[0], settings)
+    chosen = choose_point(points, settings.tolerance)
+    head.weight.copy_((points[chosen].weight.to(head.weight.device) * head.code_mask).to(head.weight.dtype))
+    return {"rule": f"the sparsest head (mean weights > {SIZE_THRESHOLD} per class) within {settings.tolerance} of "
+                    "the best validation top-1 on the path",
+            "tolerance": settings.tolerance, "l1_ratio": settings.l1_ratio, "relax": settings.relax,
+            "chosen_index": chosen, "chosen": points[chosen].summary(), "curve": [p.summary() for p in points]}

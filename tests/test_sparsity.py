@@ -1,0 +1,106 @@
+"""The sparse, grounded head's two pieces on data whose answer is known by construction.
+
+- pipeline/sparsity.py: the non-negative elastic-net path recovers the weights that generated the
+  labels, starts from the empty head, and the chosen point obeys the tolerance rule.
+- pipeline/grounding.py push_codes: after the push every code is a training patch (cosine 1.0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.grounding import nearest_patches, push_codes
+from pipeline.model import ProtoQuantHead
+from pipeline.sparsity import (PathPoint, PathSettings, choose_point, fit_nonnegative, penalty_max,
+                               regularization_path)
+from pipeline.training import code_grounding
+
+
+def planted_presence(n: int = 900, codes: int = 30, classes: int = 3, seed: int = 0):
+    """Presence in [0, 1] and labels drawn from softmax(p W^T) with W planted on 2 codes per class."""
+    generator = torch.Generator().manual_seed(seed)
+    presence = torch.rand(n, codes, generator=generator)
+    weight = torch.zeros(classes, codes)
+    for c in range(classes):
+        weight[c, [3 * c, 3 * c + 1]] = 12.0
+    labels = torch.multinomial((presence @ weight.T).softmax(dim=1), 1, generator=generator).flatten()
+    return presence, labels, weight
+
+
+def test_the_path_recovers_the_planted_sparse_weights() -> None:
+    presence, labels, planted = planted_presence()
+    train, val = (presence[:600], labels[:600]), (presence[600:], labels[600:])
+    points = regularization_path(train, val, 3, PathSettings(points=25, tolerance=0.02))
+    chosen = points[choose_point(points, 0.02)]
+    assert torch.equal(chosen.weight > 0.1, planted > 0)  # exactly the planted codes, per class
+    assert chosen.local_size == 2.0 and chosen.max_class_size == 2
+    assert points[0].nonzero == 0  # the path starts at the empty head
+    assert points[-1].local_size > chosen.local_size  # and ends denser than the chosen point
+    assert chosen.val_top1 >= max(p.val_top1 for p in points) - 0.02
+
+
+def test_penalty_max_is_where_the_head_becomes_empty() -> None:
+    presence, labels, _ = planted_presence(n=300)
+    strongest = penalty_max(presence, labels, 3)
+    at = fit_nonnegative(presence, labels, 3, penalty=strongest * 1.01, l1_ratio=1.0, iterations=200)
+    below = fit_nonnegative(presence, labels, 3, penalty=strongest * 0.5, l1_ratio=1.0, iterations=200)
+    assert int((at > 0).sum()) == 0
+    assert int((below > 0).sum()) > 0
+    assert float(below.min()) >= 0.0  # the projection keeps W non-negative
+
+
+def _point(size: int, val: float, penalty: float = 1.0) -> PathPoint:
+    weight = torch.zeros(2, 20)
+    weight[:, :size] = 1.0
+    return PathPoint(penalty=penalty, weight=weight, val_top1=val, train_top1=val)
+
+
+def test_the_chosen_point_is_the_sparsest_within_the_tolerance() -> None:
+    points = [_point(1, 0.50), _point(3, 0.86), _point(5, 0.89), _point(8, 0.90), _point(15, 0.88)]
+    assert choose_point(points, 0.02) == 2  # size 5 at 0.89 >= 0.90 - 0.02; size 3 at 0.86 is not
+    assert choose_point(points, 0.05) == 1
+    assert choose_point(points, 0.0) == 3  # no tolerance: the best, sparser than the later ties
+    ties = [_point(4, 0.80), _point(4, 0.85), _point(6, 0.85)]
+    assert choose_point(ties, 0.1) == 1  # same size: the higher validation score
+    assert choose_point([_point(2, math.nan), _point(9, math.nan)], 0.01) == 1  # no validation: no cut
+
+
+def test_push_makes_every_code_a_training_patch() -> None:
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(12, 3, 3, 32, generator=generator)  # 12 images, 3 x 3 grid, 32 dims
+    codes = torch.randn(6, 32, generator=generator)
+    head = ProtoQuantHead(codes, 2)
+    batches = [(features[i:i + 5], torch.zeros(len(features[i:i + 5]), dtype=torch.long)) for i in range(0, 12, 5)]
+    before = nearest_patches(head.codes, batches)
+    assert float(before.cosine.max()) < 0.99  # random codes sit off the data
+    assert len(set(before.patch.tolist())) == 6  # each on its own patch
+    report = push_codes(head, batches)
+    patches = features.flatten(0, 2)  # (108, 32)
+    for code, where in zip(head.codes, before.patch.tolist()):
+        assert torch.equal(code, patches[where])  # the code IS that training patch
+    grounding = code_grounding(head.codes, _Batches(batches), device=torch.device("cpu"))
+    assert torch.allclose(grounding, torch.ones(6), atol=1e-6)
+    assert report["duplicates_removed"] == 0 and report["mean_cosine_before"] == pytest.approx(float(before.cosine.mean()))
+
+
+def test_two_codes_on_one_patch_keep_one() -> None:
+    features = torch.eye(4).reshape(1, 2, 2, 4)  # four orthogonal patches
+    codes = torch.tensor([[1.0, 0.1, 0, 0], [1.0, 0, 0.1, 0], [0, 0, 0, 1.0]])  # codes 0 and 1 share patch 0
+    head = ProtoQuantHead(codes, 2)
+    report = push_codes(head, [(features, torch.zeros(1, dtype=torch.long))])
+    assert report["duplicates_removed"] == 1
+    assert head.code_mask.tolist() == [True, False, True]
+    assert torch.equal(head.codes[0], torch.tensor([1.0, 0, 0, 0]))
+
+
+class _Batches:
+    """A list of batches that answers like a FeatureSource."""
+
+    def __init__(self, batches):
+        self._batches = batches
+
+    def batches(self, epoch: int = 0):
+        return iter(self._batches)

@@ -1,0 +1,184 @@
+"""`protoquant sweep`: many heads per pass equal the heads `train` gives, read each chunk once, resume, and
+write ordinary runs plus a table page. Real cache (the shared parts store), real codebooks, real runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import cli
+from pipeline.cache import Cache, CacheSplit
+from pipeline.data import FeatureSource, SourceSettings, carve_validation, usable_rows
+from pipeline.errors import ProtoquantError
+from pipeline.io import read_json
+from pipeline.model import load_head, load_probe
+from pipeline.multihead import shared_batches
+from stages.codebook import CodebookSettings, build_codebook
+from stages.evaluate import evaluate
+from stages.sweep import SweepGrid, sweep
+from stages.train import train
+from tests.test_train import FAST
+
+# Stage B only on both sides (the sweep's heads end there: stages/sweep.py finish_head).
+SHORT = replace(FAST, epochs=4, probe_epochs=3, codebook_epochs=2)
+SHORT = replace(SHORT, **{k: v for k, v in {"ground": False, "sparsity": "none"}.items() if hasattr(SHORT, k)})
+GRID = SweepGrid(seeds=(0, 1), l1=(0.0,), tau=(0.1,))
+TOLERANCE = 1e-5  # the shared similarity product adds in another order than one head's
+
+
+@pytest.fixture(scope="module")
+def store(parts_store, tmp_path_factory) -> dict:
+    """The shared parts cache, its 16-code codebook, an 8-code one, and a finished 2 x 2 sweep from RAM."""
+    root = tmp_path_factory.mktemp("sweep")
+    small = root / "k8.safetensors"
+    build_codebook(parts_store["cache"], small, CodebookSettings(k=8, seed=1))
+    books = [parts_store["codebook"], small]
+    result = sweep(parts_store["cache"], books, root / "sweep", SHORT, GRID)
+    return {**parts_store, "root": root, "books": books, "result": result}
+
+
+def _head_name(codebook: int, k: int, seed: int) -> str:
+    return f"cb{codebook}-k{k}-seed{seed}-l1_0-tau0.1"
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    head_a, head_b = load_head(a / "head.safetensors")[0], load_head(b / "head.safetensors")[0]
+    torch.testing.assert_close(head_a.weight, head_b.weight, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(head_a.codes, head_b.codes, atol=TOLERANCE, rtol=0)
+    probe_a, probe_b = load_probe(a / "probe.safetensors")[0], load_probe(b / "probe.safetensors")[0]
+    torch.testing.assert_close(probe_a.linear.weight, probe_b.linear.weight, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("codebook, k, seed", [(1, 8, 1), (0, 16, 0)])
+def test_a_sweep_head_equals_the_head_train_gives(store, tmp_path, codebook, k, seed) -> None:
+    run = tmp_path / "train-run"
+    trained = train(store["cache"], store["books"][codebook], run, replace(SHORT, seed=seed))
+    swept = store["root"] / "sweep" / _head_name(codebook, k, seed)
+    _assert_same_run(swept, run)
+    metrics = read_json(swept / "metrics.json", "")
+    for phase in ("probe", "quantized_probe", "head"):
+        assert metrics["val_top1"][phase] == pytest.approx(trained.metrics["val_top1"][phase])
+    assert metrics["best_epoch"] == {p: trained.metrics["best_epoch"][p] for p in ("probe", "codebook", "head")}
+
+
+def test_streamed_sweep_equals_train_for_its_first_seed(store, tmp_path) -> None:
+    streamed = replace(SHORT, max_memory="0")
+    result = sweep(store["cache"], store["books"][:1], tmp_path / "sweep", streamed, GRID)
+    assert {row["name"] for row in result.rows} == {_head_name(0, 16, 0), _head_name(0, 16, 1)}
+    assert read_json(tmp_path / "sweep" / _head_name(0, 16, 0) / "metrics.json", "")["data_path"] == "stream"
+    train(store["cache"], store["books"][0], tmp_path / "run", replace(streamed, seed=0))
+    _assert_same_run(tmp_path / "sweep" / _head_name(0, 16, 0), tmp_path / "run")
+
+
+def _sources(split: CacheSplit, seeds: tuple[int, ...]) -> list[FeatureSource]:
+    rows = usable_rows(split)
+    return [FeatureSource(split, carve_validation(rows, split.labels, 0.2, seed)[0],
+                          SourceSettings(8, shuffle=True, seed=seed, buffer_chunks=2)) for seed in seeds]
+
+
+def _row_fingerprints(batches) -> np.ndarray:
+    return np.sort(np.concatenate([f.double().sum(dim=(1, 2, 3)).numpy() for f, _ in batches]))
+
+
+def test_shared_stream_reads_each_chunk_once_and_gives_every_source_its_rows(store, monkeypatch) -> None:
+    split = Cache(store["cache"]).split("train")
+    sources = _sources(split, (3, 4))
+    reads = []
+    real_read = CacheSplit.read_features
+    monkeypatch.setattr(CacheSplit, "read_features", lambda self, a, b, **kw: reads.append(a) or real_read(self, a, b, **kw))
+    got = list(shared_batches(sources, epoch=1))
+    chunks = split.layout.rows_per_chunk
+    needed = set(np.concatenate([s.rows // chunks for s in sources]).tolist())
+    assert sorted(reads) == sorted(c * chunks for c in needed)  # each needed chunk exactly once
+    monkeypatch.setattr(CacheSplit, "read_features", real_read)
+    first = [batch for i, batch in got if i == 0]
+    alone = list(sources[0].batches(1))
+    assert len(first) == len(alone) == sources[0].steps(1)
+    for (f, y), (g, z) in zip(first, alone):  # the first source: exactly its own batches, in its own order
+        assert torch.equal(f, g) and torch.equal(y, z)
+    second = [batch for i, batch in got if i == 1]
+    assert len(second) == sources[1].steps(1)
+    np.testing.assert_array_equal(_row_fingerprints(second), _row_fingerprints(sources[1].batches(1)))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_stopped_sweep_continues_with_resume(store, tmp_path) -> None:
+    out = tmp_path / "sweep"
+
+    def stop_in_stage_b(line: str) -> None:
+        if line.startswith("head: epoch 2/"):
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        sweep(store["cache"], store["books"], out, SHORT, GRID, progress=stop_in_stage_b)
+    assert (out / ".sweep.partial" / "checkpoint.safetensors").is_file()
+    with pytest.raises(ProtoquantError, match="--resume"):
+        sweep(store["cache"], store["books"], out, SHORT, GRID)
+    with pytest.raises(ProtoquantError, match="other settings"):
+        sweep(store["cache"], store["books"], out, replace(SHORT, epochs=5), GRID, resume=True)
+    seen = []
+    result = sweep(store["cache"], store["books"], out, SHORT, GRID, resume=True, progress=seen.append)
+    assert result.resumed and seen[0] == "head: epoch 3/4 (4 models)"  # probe and stage A were not redone
+    assert not (out / ".sweep.partial").exists()
+    for row in result.rows:
+        _assert_same_run(out / row["name"], store["root"] / "sweep" / row["name"])
+
+
+def test_sweep_runs_are_ordinary_runs_and_the_page_shows_every_head(store) -> None:
+    out, rows = store["root"] / "sweep", store["result"].rows
+    assert [r["name"] for r in rows] == [_head_name(cb, k, s) for cb, k in ((0, 16), (1, 8)) for s in (0, 1)]
+    for row in rows:
+        scored = evaluate(out / row["name"], split="test", device="cpu")
+        assert scored.top1 == pytest.approx(row["top1"]) and scored.probe_top1 == pytest.approx(row["probe_top1"])
+        assert row["local_size"] <= row["k"] and 0 < row["train_seconds"]
+    page = (out / "index.html").read_text()
+    assert all(row["name"] in page for row in rows) and "<svg" in page and (out / "style.css").is_file()
+    marker = read_json(out / "sweep.json", "")
+    assert marker["status"] == "done" and [r["name"] for r in marker["heads"]] == [r["name"] for r in rows]
+    config = read_json(out / rows[0]["name"] / "config.json", "")
+    assert config["command"] == "train" and config["settings"]["seed"] == 0 and config["sweep"]["heads"] == 4
+
+
+def test_sweep_refuses_a_folder_it_did_not_make_and_leaves_it(store, tmp_path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ProtoquantError, match="not a sweep"):
+        sweep(store["cache"], store["books"], tmp_path / "mine", SHORT, GRID, overwrite=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_cli_sweep_prints_json_and_refuses_bad_lists_in_one_line(store, tmp_path) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(cli.app, ["sweep", str(store["cache"]), "-c", str(store["books"][0]), "--out",
+                                  str(tmp_path / "s"), "--seeds", "0,x"])
+    assert bad.exit_code == 2 and bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'x'" in lines[0]
+    good = runner.invoke(cli.app, ["sweep", str(store["cache"]), "-c", str(store["books"][1]), "--out",
+                                   str(tmp_path / "s"), "--seeds", "2", "--l1", "0,0.01", "--epochs", "1",
+                                   "--probe-epochs", "1", "--codebook-epochs", "1", "--batch-size", "16",
+                                   "--device", "cpu", "--json"])
+    assert good.exit_code == 0, good.output
+    printed = json.loads(good.stdout)
+    assert [h["l1"] for h in printed["heads"]] == [0.0, 0.01] and printed["resumed"] is False
+    assert {h["name"] for h in printed["heads"]} == {p.name for p in (tmp_path / "s").iterdir() if p.is_dir()
+                                                     and not p.name.startswith(".")}
+
+
+def test_overwrite_replaces_only_what_the_sweep_wrote(store, tmp_path) -> None:
+    out = tmp_path / "sweep"
+    tiny = replace(SHORT, epochs=1, probe_epochs=1, codebook_epochs=0)
+    sweep(store["cache"], store["books"][1:], out, tiny, SweepGrid(seeds=(0,)))
+    (out / "my-notes.txt").write_text("keep me")
+    result = sweep(store["cache"], store["books"][1:], out, tiny, SweepGrid(seeds=(5,)), overwrite=True)
+    assert (out / "my-notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [result.rows[0]["name"]] == [_head_name(0, 8, 5)]
