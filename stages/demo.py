@@ -216,7 +216,8 @@ def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSetting
 def _charts(run_path: Path, curve: list[dict]) -> tuple[Markup, Markup]:
     """Validation accuracy per epoch, and accuracy against the per-class top-k (SVG; plots escapes its text)."""
     epochs = [r for r in iter_log(run_path / "log.jsonl") if r.get("val_top1") is not None]
-    phases = sorted({r["phase"] for r in epochs}, key=["probe", "codebook", "head"].index)
+    order = ["probe", "codebook", "head", "finetune"]
+    phases = sorted({r["phase"] for r in epochs}, key=lambda name: order.index(name) if name in order else len(order))
     per_epoch = line_chart(
         [Series(phase, [(r["epoch"], r["val_top1"]) for r in epochs if r["phase"] == phase]) for phase in phases],
         title="validation accuracy per epoch", x_label="epoch", y_label="top-1", y_range=(0.0, 1.0))
