@@ -366,6 +366,8 @@ def open_training_data(split: CacheSplit, *, val_fraction: float, seed: int, bat
     train_rows, val_rows = carve_validation(rows, split.labels, val_fraction, seed)
     with_views = use_views and view_count(split) > 0
     in_ram = rows_nbytes(split, len(rows), with_views) <= max_memory
+    if in_ram:
+        require_unaltered(split)  # a split small enough for RAM is cheap to re-hash: altered shards are named
     ram = RamRows.load(split, rows, with_views=with_views) if in_ram else None
     train = FeatureSource(split, train_rows, SourceSettings(batch_size, shuffle=True, views=with_views, seed=seed),
                           ram=ram, rank=rank, world=world)
@@ -374,7 +376,22 @@ def open_training_data(split: CacheSplit, *, val_fraction: float, seed: int, bat
     return TrainingData(train, val, train_rows, val_rows, in_ram, view_count(split) if with_views else 0, ram)
 
 
-def evaluation_source(split: CacheSplit, *, batch_size: int, rows: np.ndarray | None = None) -> FeatureSource:
-    """Usable rows (or the given ones) of a split in row order, streamed chunk by chunk: for scoring."""
+def evaluation_source(split: CacheSplit, *, batch_size: int, rows: np.ndarray | None = None,
+                      verify: bool = False) -> FeatureSource:
+    """Usable rows (or the given ones) of a split in row order, streamed chunk by chunk: for scoring.
+    With `verify`, the split's shards are re-hashed against their checksums first (evaluate does this)."""
+    if verify:
+        require_unaltered(split)
     rows = usable_rows(split) if rows is None else rows
     return FeatureSource(split, rows, SourceSettings(batch_size, shuffle=False))
+
+
+def require_unaltered(split: CacheSplit) -> None:
+    """Re-hash the split's finished shards against the checksums written with them; one line naming the
+    altered ones. Costs one extra read of the split (train does it when the split fits in RAM, evaluate
+    for the split it scores; streamed training trusts sizes and finiteness, and `info --verify` re-hashes)."""
+    problems = split.shard_problems(verify=True)
+    if problems:
+        shown = "; ".join(str(p) for p in problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ProtoquantError(f"the cache is damaged: {shown}; re-extract it (extract --overwrite redoes altered "
+                              "shards) or see `protoquant info CACHE --verify`")

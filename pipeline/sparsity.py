@@ -207,8 +207,18 @@ def _threads_for(work: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def choose_point(points: list[PathPoint], tolerance: float) -> int:
-    """Index of the sparsest point (smallest local size) whose val top-1 >= best val top-1 - tolerance.
+def selection_margin(best: float, n_val: int | None, tolerance: float) -> float:
+    """How far below the best validation top-1 a sparser head may score: the larger of `tolerance` and one
+    standard error of that accuracy on n_val images (glmnet's one-standard-error rule). On a small
+    validation split a gap of one image is noise, and only the standard error says so."""
+    if not n_val:
+        return tolerance
+    return max(tolerance, math.sqrt(max(best * (1.0 - best), 0.0) / n_val))
+
+
+def choose_point(points: list[PathPoint], tolerance: float, n_val: int | None = None) -> int:
+    """Index of the sparsest point (smallest local size) whose val top-1 >= best val top-1 - margin, the
+    margin being selection_margin (tolerance, or one standard error on n_val images when larger).
 
     Ties go to the higher validation top-1, then to the stronger penalty (earlier on the path).
     Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
@@ -219,7 +229,8 @@ def choose_point(points: list[PathPoint], tolerance: float) -> int:
     if all(math.isnan(s) for s in scores):
         return len(points) - 1
     best = max(s for s in scores if not math.isnan(s))
-    eligible = [i for i, s in enumerate(scores) if not math.isnan(s) and s >= best - tolerance - 1e-12]
+    margin = selection_margin(best, n_val, tolerance)
+    eligible = [i for i, s in enumerate(scores) if not math.isnan(s) and s >= best - margin - 1e-12]
     return min(eligible, key=lambda i: (points[i].local_size, -scores[i], i))
 
 
@@ -231,9 +242,12 @@ def refit_head(head, train_batches, val_batches, settings: PathSettings = PathSe
     train = presence_matrix(head, train_batches, device=device)
     val = presence_matrix(head, val_batches, device=device)
     points = regularization_path(train, val, head.weight.shape[0], settings)
-    chosen = choose_point(points, settings.tolerance)
+    n_val = int(val[1].numel())
+    chosen = choose_point(points, settings.tolerance, n_val)
+    best = max((p.val_top1 for p in points if not math.isnan(p.val_top1)), default=float("nan"))
+    margin = selection_margin(best, n_val, settings.tolerance) if best == best else settings.tolerance
     head.weight.copy_((points[chosen].weight.to(head.weight.device) * head.code_mask).to(head.weight.dtype))
-    return {"rule": f"the sparsest head (mean weights > {SIZE_THRESHOLD} per class) within {settings.tolerance} of "
-                    "the best validation top-1 on the path",
-            "tolerance": settings.tolerance, "l1_ratio": settings.l1_ratio, "relax": settings.relax,
+    return {"rule": f"the sparsest head (mean weights > {SIZE_THRESHOLD} per class) within max({settings.tolerance}, "
+                    "one standard error) of the best validation top-1 on the path",
+            "tolerance": settings.tolerance, "margin": margin, "n_val": n_val, "l1_ratio": settings.l1_ratio, "relax": settings.relax,
             "chosen_index": chosen, "chosen": points[chosen].summary(), "curve": [p.summary() for p in points]}

@@ -339,6 +339,17 @@ def optimizer_from_artifact(prefix: str, tensors: dict[str, torch.Tensor], meta:
     return {"state": per_param, "param_groups": meta.get("param_groups", [])}
 
 
+def phase_state_from_artifact(name: str, meta: dict, tensors: dict[str, torch.Tensor]) -> PhaseState:
+    """A phase's state from a checkpoint: its best weights and history, and (for the phase that was running)
+    its latest weights and optimizer, stored under `name.best`, `name.model` and `name.opt`."""
+    state = PhaseState(epoch=meta["epoch"], best=tensors_to_state(f"{name}.best", tensors),
+                       best_score=meta["best_score"], best_epoch=meta["best_epoch"], history=meta["history"])
+    if "optimizer" in meta:
+        state.model = tensors_to_state(f"{name}.model", tensors)
+        state.optimizer = optimizer_from_artifact(f"{name}.opt", tensors, meta["optimizer"])
+    return state
+
+
 
 
 # --- stage B as a phase -----------------------------------------------------------------------------------

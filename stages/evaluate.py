@@ -72,7 +72,7 @@ def evaluate(run_path: str | Path, *, cache: str | Path | None = None, split: st
     where = resolve_device(device)
     head = run.head.to(where)
     probe = run.reference_head(weights=weights, device=where)
-    return score_head(head, probe, evaluation_source(data, batch_size=batch_size), run.classes, split=split,
+    return score_head(head, probe, evaluation_source(data, batch_size=batch_size, verify=True), run.classes, split=split,
                       device=where, skipped=int(data.n - len(usable_rows(data))))
 
 

@@ -50,8 +50,8 @@ from pipeline.plots import Series, line_chart
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import finish_run_dir, is_run_dir, prepare_run_dir, run_config
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
-                               classification_loss, head_phase, optimizer_from_artifact, optimizer_to_artifact,
-                               state_to_tensors, tensors_to_state)
+                               classification_loss, head_phase, optimizer_to_artifact, phase_state_from_artifact,
+                               state_to_tensors)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -399,12 +399,7 @@ def _read_checkpoint(path: Path, key: str) -> dict[str, PhaseState]:
                               "codebooks or cache; rerun it with the same options, or start over with --overwrite")
     states = {}
     for name, entry in fields["models"].items():
-        state = PhaseState(epoch=entry["epoch"], best=tensors_to_state(f"{name}.best", tensors),
-                           best_score=entry["best_score"], best_epoch=entry["best_epoch"], history=entry["history"])
-        if "optimizer" in entry:
-            state.model = tensors_to_state(f"{name}.model", tensors)
-            state.optimizer = optimizer_from_artifact(f"{name}.opt", tensors, entry["optimizer"])
-        states[name] = state
+        states[name] = phase_state_from_artifact(name, entry, tensors)
     return states
 
 

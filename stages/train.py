@@ -54,8 +54,8 @@ from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, run_config
 from pipeline.sparsity import PathSettings, refit_head
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, check_train_settings,
-                               classification_loss, code_grounding, head_phase, optimizer_from_artifact,
-                               optimizer_to_artifact, run_phase, state_to_tensors, tensors_to_state)
+                               classification_loss, code_grounding, head_phase, optimizer_to_artifact,
+                               phase_state_from_artifact, run_phase, state_to_tensors)
 
 __all__ = ["TrainSettings", "TrainResult", "train"]
 
@@ -381,10 +381,5 @@ def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
                               f"(differs in: {', '.join(diff)}); use the same options, or start again without --resume")
     states = {}
     for name, meta in fields.get("phases", {}).items():
-        state = PhaseState(epoch=meta["epoch"], best=tensors_to_state(f"{name}.best", tensors),
-                           best_score=meta["best_score"], best_epoch=meta["best_epoch"], history=meta["history"])
-        if "optimizer" in meta:
-            state.model = tensors_to_state(f"{name}.model", tensors)
-            state.optimizer = optimizer_from_artifact(f"{name}.opt", tensors, meta["optimizer"])
-        states[name] = state
+        states[name] = phase_state_from_artifact(name, meta, tensors)
     return states

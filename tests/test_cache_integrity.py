@@ -244,8 +244,8 @@ def test_readers_refuse_a_damaged_cache_by_name(cached):
     with pytest.raises(ProtoquantError, match=r"is damaged: train shard 1 \(rows 2\.\.3, .*train/features/c/1/0/0/0\)"):
         Cache(path).require_complete()  # what train, evaluate, codebook and prune run first
     split = Cache(path).split("train")
-    with pytest.raises(ProtoquantError, match=r"rows 2, 3\) are marked extracted but read as NaN"):
-        open_training_data(split, val_fraction=0.2, seed=0, batch_size=4, max_memory=1 << 30)  # RAM path
+    with pytest.raises(ProtoquantError, match=r"damaged: train shard 1 \(rows 2\.\.3.*features file missing"):
+        open_training_data(split, val_fraction=0.2, seed=0, batch_size=4, max_memory=1 << 30)  # RAM path: re-hashed
     with pytest.raises(ProtoquantError, match="read as NaN"):
         training = open_training_data(split, val_fraction=0.2, seed=0, batch_size=4, max_memory=0)  # streaming
         list(training.train.batches(0))
@@ -407,3 +407,20 @@ def test_cli_worker_error_is_one_line_and_kind_exists(tmp_path):
                              "--out", str(tmp_path / "k.zarr")])
     assert ok.exit_code == 0, ok.output
     assert Cache(tmp_path / "k.zarr").attrs["source"]["kind"] == "imagefolder"
+
+
+def test_an_altered_shard_is_refused_by_training_in_ram_and_by_evaluate(cached):
+    """Same size, finite values, other content: only the checksum tells; the RAM path and evaluate re-hash."""
+    from pipeline.data import evaluation_source
+
+    _, path = cached
+    altered = path / "train/features/c/3/0/0/0"
+    data = bytearray(altered.read_bytes())
+    data[10:12] = b"\x00\x3c"  # one float16 becomes 1.0
+    altered.write_bytes(bytes(data))
+    split = Cache(path).split("train")
+    with pytest.raises(ProtoquantError, match=r"train shard 3 \(rows 6\.\.7.*altered"):
+        open_training_data(split, val_fraction=0.2, seed=0, batch_size=4, max_memory=1 << 30)
+    with pytest.raises(ProtoquantError, match="altered"):
+        evaluation_source(split, batch_size=4, verify=True)
+    assert len(evaluation_source(split, batch_size=4)) > 0  # without verify (streamed scoring inside train): sizes only

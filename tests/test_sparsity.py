@@ -66,6 +66,9 @@ def test_the_chosen_point_is_the_sparsest_within_the_tolerance() -> None:
     ties = [_point(4, 0.80), _point(4, 0.85), _point(6, 0.85)]
     assert choose_point(ties, 0.1) == 1  # same size: the higher validation score
     assert choose_point([_point(2, math.nan), _point(9, math.nan)], 0.01) == 1  # no validation: no cut
+    # one standard error on 100 validation images at 0.90 is 0.03: size 5 (0.89) qualifies, size 3 (0.86) not
+    assert choose_point(points, 0.0, n_val=100) == 2
+    assert choose_point(points, 0.0, n_val=25) == 1  # 0.06 on 25 images: size 3 at 0.86 qualifies
 
 
 def test_push_makes_every_code_a_training_patch() -> None:

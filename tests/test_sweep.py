@@ -27,7 +27,7 @@ from tests.test_train import FAST
 
 # Stage B only on both sides (the sweep's heads end there: stages/sweep.py finish_head).
 SHORT = replace(FAST, epochs=4, probe_epochs=3, codebook_epochs=2)
-SHORT = replace(SHORT, **{k: v for k, v in {"ground": False, "sparsity": "none"}.items() if hasattr(SHORT, k)})
+SHORT = replace(SHORT, **{k: v for k, v in {"ground": False, "sparsity": "none", "l1": 0.0}.items() if hasattr(SHORT, k)})
 GRID = SweepGrid(seeds=(0, 1), l1=(0.0,), tau=(0.1,))
 TOLERANCE = 1e-5  # the shared similarity product adds in another order than one head's
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -335,9 +336,10 @@ def test_default_head_is_grounded_and_the_chosen_point_obeys_the_tolerance(parts
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
     sparsity, grounding = metrics["sparsity"], metrics["grounding"]
-    curve, chosen, tolerance = sparsity["curve"], sparsity["chosen"], sparsity["tolerance"]
+    curve, chosen, tolerance = sparsity["curve"], sparsity["chosen"], sparsity["margin"]
     assert len(curve) == 12 and curve[0]["nonzero_weights"] == 0  # the whole path, from the empty head
     best = max(p["val_top1"] for p in curve)
+    assert tolerance == pytest.approx(max(sparsity["tolerance"], math.sqrt(best * (1 - best) / sparsity["n_val"])))
     eligible = [p for p in curve if p["val_top1"] >= best - tolerance - 1e-12]
     assert chosen == curve[sparsity["chosen_index"]] and chosen in eligible
     assert chosen["local_size"] == min(p["local_size"] for p in eligible)
