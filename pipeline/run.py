@@ -9,12 +9,14 @@ anything else at RUN is refused, never deleted.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -116,6 +118,39 @@ def _move_into_place(work: Path, out: Path) -> None:
 def run_config(fields: dict) -> dict:
     """A run's config.json content: the format marker first, then `fields`."""
     return {"format": RUN_FORMAT, "format_version": RUN_VERSION} | fields
+
+
+def digest(values) -> str:
+    """A short SHA-256 of an array's or tensor's bytes (codes as float32, rows as int64 by the caller)."""
+    if torch.is_tensor(values):
+        values = values.detach().float().cpu().contiguous().numpy()
+    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
+
+
+def train_run_config(cache, codebook_path, codebook_meta: dict, codes: torch.Tensor, settings, val_rows,
+                     data: dict, extra: dict | None = None) -> dict:
+    """The config.json of a trained run (train and sweep write the same one, so `train --config RUN` replays
+    either): settings, the cache, the codebook and its codes' hash, the validation rows, the data path."""
+    import platform
+    from dataclasses import asdict
+    from datetime import datetime, timezone
+
+    import timm
+
+    return run_config({
+        "command": "train",
+        "settings": asdict(settings),
+        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "classes": cache.classes,
+                  "grid": list(cache.grid), "dim": cache.dim, "provenance": cache.provenance},
+        "codebook": {"path": str(Path(codebook_path).resolve()), "meta": codebook_meta, "codes_sha256": digest(codes)},
+        "validation": {"split": "train", "fraction": settings.val_fraction, "seed": settings.seed,
+                       "rows": int(len(val_rows)), "rows_sha256": digest(np.asarray(val_rows, dtype=np.int64))},
+        "data": data,
+        **(extra or {}),
+        "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
 
 
 # --- reading a run -----------------------------------------------------------------------------------------

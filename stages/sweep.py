@@ -20,17 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from itertools import product
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import timm
 import torch
 from markupsafe import Markup
 
@@ -48,7 +45,7 @@ from pipeline.multihead import (Codes, Lane, Member, grounding_together, heads_l
 from pipeline.paths import check_output, remove_ours
 from pipeline.plots import Series, line_chart
 from pipeline.render import render_page, write_style, write_text
-from pipeline.run import finish_run_dir, is_run_dir, prepare_run_dir, run_config
+from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, optimizer_to_artifact, phase_state_from_artifact,
                                state_to_tensors)
@@ -166,15 +163,9 @@ def _load_book(cache: Cache, path) -> tuple[torch.Tensor, dict]:
     return codes, meta
 
 
-def _digest(values) -> str:
-    if torch.is_tensor(values):
-        values = values.detach().float().cpu().contiguous().numpy()
-    return hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()[:16]
-
-
 def _resume_key(cache: Cache, books, settings: TrainSettings, specs: list[HeadSpec]) -> str:
     """What a checkpoint must match to be continued: the cache, the codes, every setting but the device."""
-    record = {"cache": cache.fingerprint, "codes": [_digest(codes) for codes, _ in books],
+    record = {"cache": cache.fingerprint, "codes": [digest(codes) for codes, _ in books],
               "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
               "heads": [asdict(s) for s in specs]}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
@@ -453,22 +444,11 @@ def _write_run(run_path: Path, trainer: _SweepTrainer, spec: HeadSpec, head: Pro
 def _config(cache: Cache, codebook_path, codebook_meta: dict, codes: torch.Tensor, settings: TrainSettings,
             data: _SeedData, trainer: _SweepTrainer, spec: HeadSpec) -> dict:
     """The run's config.json, as `train` writes it (so `train --config RUN` replays the head), plus the sweep."""
-    return run_config({
-        "command": "train",
-        "settings": asdict(settings),
-        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "classes": cache.classes,
-                  "grid": list(cache.grid), "dim": cache.dim, "provenance": cache.provenance},
-        "codebook": {"path": str(Path(codebook_path).resolve()), "meta": codebook_meta, "codes_sha256": _digest(codes)},
-        "validation": {"split": "train", "fraction": settings.val_fraction, "seed": settings.seed,
-                       "rows": int(len(data.val_rows)), "rows_sha256": _digest(data.val_rows.astype(np.int64))},
-        "data": {"path": "ram" if trainer.in_ram else "stream", "views": view_count(cache.split("train")),
+    data_path = {"path": "ram" if trainer.in_ram else "stream", "views": view_count(cache.split("train")),
                  "world_size": 1, "device": str(trainer.device),
-                 "rows_on_gpu": bool(trainer.in_ram and data.train.ram.grids.device.type == "cuda")},
-        "sweep": {"name": spec.name, "heads": len(trainer.specs), "resume_key": trainer.key},
-        "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+                 "rows_on_gpu": bool(trainer.in_ram and data.train.ram.grids.device.type == "cuda")}
+    return train_run_config(cache, codebook_path, codebook_meta, codes, settings, data.val_rows, data_path,
+                            {"sweep": {"name": spec.name, "heads": len(trainer.specs), "resume_key": trainer.key}})
 
 
 # --- the table ------------------------------------------------------------------------------------------------

@@ -26,16 +26,11 @@ that --resume continues from after every epoch) and renamed onto RUN at the end:
 
 from __future__ import annotations
 
-import hashlib
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import timm
 import torch
 from torch import nn
 
@@ -51,7 +46,7 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_u
                             keep_top_k_weights, local_size_per_class, save_head, save_probe, stage_a_loss)
 from pipeline.plots import Series, line_chart
 from pipeline.progress import EpochDisplay
-from pipeline.run import finish_run_dir, prepare_run_dir, run_config
+from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
 from pipeline.sparsity import PathSettings, refit_head
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, check_train_settings,
                                classification_loss, code_grounding, head_phase, optimizer_to_artifact,
@@ -311,21 +306,9 @@ class _Trainer:
 def _config(cache: Cache, codebook_path, codebook_meta: dict, codes: torch.Tensor, settings: TrainSettings,
             data: TrainingData, dist: Distributed, on_gpu: bool) -> dict:
     """Everything a later command needs to know about how RUN was made."""
-    val_digest = hashlib.sha256(np.ascontiguousarray(data.val_rows, dtype=np.int64).tobytes()).hexdigest()[:16]
-    return run_config({
-        "command": "train",
-        "settings": asdict(settings),
-        "cache": {"path": str(cache.path.resolve()), "fingerprint": cache.fingerprint, "classes": cache.classes,
-                  "grid": list(cache.grid), "dim": cache.dim, "provenance": cache.provenance},
-        "codebook": {"path": str(Path(codebook_path).resolve()), "meta": codebook_meta, "codes_sha256": _digest(codes)},
-        "validation": {"split": "train", "fraction": settings.val_fraction, "seed": settings.seed,
-                       "rows": int(len(data.val_rows)), "rows_sha256": val_digest},
-        "data": {"path": "ram" if data.in_ram else "stream", "views": data.views, "world_size": dist.world,
-                 "device": str(dist.device), "rows_on_gpu": on_gpu},
-        "versions": {"torch": torch.__version__.split("+")[0], "timm": timm.__version__, "numpy": np.__version__,
-                     "python": platform.python_version()},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
+    return train_run_config(cache, codebook_path, codebook_meta, codes, settings, data.val_rows, {
+        "path": "ram" if data.in_ram else "stream", "views": data.views, "world_size": dist.world,
+        "device": str(dist.device), "rows_on_gpu": on_gpu})
 
 
 def _freeze_codes(head: ProtoQuantHead) -> None:
@@ -353,10 +336,6 @@ def sparsity_chart(sparsity: dict) -> str:
                              [(chosen["local_size"], chosen["val_top1"])]))
     return line_chart(series, title="accuracy vs explanation size (elastic-net path)",
                       x_label="weights > 0.1 per class (mean)", y_label="validation top-1", y_range=(0.0, 1.0))
-
-
-def _digest(codes: torch.Tensor) -> str:
-    return hashlib.sha256(codes.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _resume_key(config: dict) -> dict:
