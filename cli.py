@@ -297,7 +297,7 @@ def train(
     probe_lr: Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")] = 1e-3,
     codebook_lr: Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A (the paper's 5e-4).")] = 5e-4,
     head_lr: Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W (stage B).")] = 5e-3,
-    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")] = 0.03,
+    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")] = 0.1,
     weight_decay: Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")] = 1e-4,
     warmup_epochs: Annotated[float, float_option("--warmup-epochs", help="Linear warm-up before the cosine decay, in epochs (every phase; >= 0).")] = 1.0,
     label_smoothing: Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")] = 0.1,
@@ -305,7 +305,8 @@ def train(
     tau: Annotated[float, float_option("--tau", low_open=True, hint=" (e.g. 0.1; smaller is closer to hard assignment)", help="Temperature of the softmax over codes (stage B; > 0).")] = 0.1,
     train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (stay on real patches; see grounding in metrics.json).")] = True,
     l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 2e-3,
-    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit.")] = True,
+    anchor: Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")] = 1.0,
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 3 to 15 points of top-1 (README).")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the sparsest head within --sparsity-tolerance of the best validation top-1; topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
     sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,
@@ -337,7 +338,7 @@ def train(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dict_weight=dict_weight, tau=tau,
-        train_codes=train_codes, l1=l1, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
+        train_codes=train_codes, l1=l1, anchor=anchor, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
         use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
         sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
     )
@@ -398,7 +399,8 @@ def sweep(
     probe_lr: Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")] = 1e-3,
     codebook_lr: Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A.")] = 5e-4,
     head_lr: Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W.")] = 5e-3,
-    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate.")] = 0.03,
+    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate.")] = 0.1,
+    anchor: Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch (keeps codes near real patches; >= 0).")] = 1.0,
     weight_decay: Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")] = 1e-4,
     label_smoothing: Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")] = 0.1,
     train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too, or keeps the stage A codes.")] = True,
@@ -424,8 +426,8 @@ def sweep(
     settings = TrainSettings(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
-        label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction, max_memory=max_memory,
-        use_views=views, device=device)
+        anchor=anchor, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
+        max_memory=max_memory, use_views=views, device=device)
     say = None if json_out else (lambda line: console.print(line, highlight=False))
     result = run_sweep(cache, codebook, out, settings, SweepGrid(seeds=seeds, l1=l1, tau=tau), resume=resume,
                        overwrite=overwrite, progress=say)
@@ -645,21 +647,25 @@ def extract(
     out: Annotated[Path, typer.Option("--out", "-o", help="The cache to write (a Zarr v3 store, a directory).")],
     pretrained: Annotated[bool, typer.Option("--pretrained", help="Pretrained weights: built-in offline ImageNet weights for tf_efficientnet_lite0, timm's hub for other models (needs the network).")] = False,
     weights: WeightsOpt = None,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Input side in pixels (default: the model's own); resize and crop follow timm's data config.")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", min=16, help="Input side S in pixels (default: the model's own); the image becomes S x S by --crop-mode / --crop-pct, with the model's timm interpolation and mean/std.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Decoding processes (0 decodes in the main process).")] = 2,
     device: DeviceOpt = "auto",
     views: Annotated[int, typer.Option("--views", min=0, help="Also cache N augmented views (random resized crop + flip, seeded) of each TRAINING image.")] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip corrupt or truncated images (listed in the store and the summary) instead of stopping.")] = False,
-    crop_to_box: Annotated[bool, typer.Option("--crop-to-box", help="CUB layout: crop each image to its bird box first, then resize the box to the input size with nothing cut (squash, crop-pct 1.0), as the paper does for CUB.")] = False,
+    crop_to_box: Annotated[bool, typer.Option("--crop-to-box", help="CUB layout: crop each image to its bird box first; the box then goes through --crop-mode / --crop-pct like a whole image (by default squashed to the input size with nothing cut, as the paper does for CUB).")] = False,
     overwrite: OverwriteOpt = False,
     shard_rows: Annotated[Optional[int], typer.Option("--shard-rows", min=1, help="Images per shard, the unit of work and of resume (default: 8 chunks of <=16 MiB).")] = None,
     kind: Annotated[str, typer.Option("--kind", help="Dataset layout: auto (detect), imagefolder, cub or wds.")] = "auto",
-    layers: Annotated[str, typer.Option("--layers", help="Which feature map(s) form the grid: 'final' (forward_features, the default), feature stages of timm's forward_intermediates by index (negative from the end) or by stride (s16 = the deepest stride-16 stage), several comma-separated (concatenated on the finest grid, coarser maps upsampled), or 'auto' (the family's measured default). A finer grid costs more: see `protoquant info`.")] = "final",
-    crop_pct: Annotated[Optional[float], float_option("--crop-pct", help="timm's crop_pct: resize to S / crop_pct, then centre-crop S (1.0 keeps everything; default: the model's data config, or 1.0 with --crop-to-box).", low=0.0, low_open=True, high=1.0, high_open=False)] = None,
-    crop_mode: Annotated[Optional[str], typer.Option("--crop-mode", help="timm's crop_mode: center (shorter side resized, aspect kept), squash (both sides resized, aspect not kept) or border (longer side resized, padded). Default: the model's data config, or squash with --crop-to-box (the paper's CUB transform).")] = None,
+    layers: Annotated[str, typer.Option("--layers", help="Which feature map(s) form the grid. Default 'auto', the backbone family's measured default: for a CNN its deepest stride-16 and stride-32 stages, concatenated on the stride-16 grid (tf_efficientnet_lite0 at 224 px: 14x14x432), which beat the final map on part-defined data and on Fashion-MNIST; for a ViT its final tokens (every block is stride 16). 'final' is timm's forward_features (a CNN's stride-32 map: 7x7 at 224 px). Also: feature stages of timm's forward_intermediates by index (negative from the end) or stride (s16 = the deepest stride-16 stage), several comma-separated (concatenated on the finest grid, coarser maps upsampled). A 14x14 grid has 4x the cells of 7x7, and head training grows with the cells: `protoquant info CACHE` shows what a choice costs (cells, bytes per image, the cache's size). The resolved stages are recorded.")] = "auto",
+    crop_pct: Annotated[float, float_option("--crop-pct", help="timm's crop_pct: resize to S / crop_pct, then cut the centre S x S. Default 1.0: nothing cut beyond what --crop-mode cuts. timm's usual centre crop is --crop-mode center --crop-pct 0.875 (a model's own crop_pct is in its timm data config).", low=0.0, low_open=True, high=1.0, high_open=False)] = 1.0,
+    crop_mode: Annotated[str, typer.Option("--crop-mode", help="timm's crop_mode: squash (the default: both sides resized to S, aspect not kept, nothing cut; measured best on part-defined data, where a centre crop cuts off parts at the edges), center (shorter side resized, aspect kept, the longer side's overflow cut) or border (longer side resized, padded). Recorded in the cache and replayed by every later stage.")] = "squash",
 ) -> None:
     """Run a frozen backbone ONCE over every split of DATA and cache the patch-embedding grids.
+
+    Defaults: --layers auto --crop-mode squash --crop-pct 1.0, the recipe measured best on part-defined data
+    (a stride 16+32 grid, the whole image with nothing cut). For timm's plain forward_features on its centre
+    crop pass --layers final --crop-mode center --crop-pct 0.875.
 
     Writes CACHE with float16 features (N, H, W, D) per split, labels, ids and provenance. Interrupted?
     Run the same command again: finished shards are kept. Under [bold]torchrun[/] each rank extracts its own

@@ -69,7 +69,8 @@ def protoquant_extract(data: Path, out: Path, backbone: str, pretrained: bool, i
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     extract(data, out, backbone=backbone, pretrained=pretrained, image_size=image_size,
-            batch_size=batch_size, workers=workers)
+            batch_size=batch_size, workers=workers,
+            layers="final", crop_mode=None, crop_pct=None)  # what the bare loop runs: forward_features, timm's crop
     return time.perf_counter() - start
 
 

@@ -50,6 +50,14 @@ class Distributed:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
         return values.bool().to(mask.device)
 
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of a float tensor over ranks."""
+        if self.world == 1:
+            return values
+        out = values.detach().to(self.device, torch.float32).clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return out.to(values.device, values.dtype)
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

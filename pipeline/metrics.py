@@ -295,7 +295,9 @@ def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: 
     The box is the receptive box of the top code's peak cell (pipeline/geometry.py), in original pixels;
     a part is in it when its visible keypoint is. An image whose best contribution is 0 has no evidence
     and does not count as a hit. Also reported: the share whose box holds any annotated part
-    (`on_any_part`) and, per defining part, how many hits it is in.
+    (`on_any_part`), per defining part how many hits it is in, and `share_pipnet_patch`: the same share
+    with purity's box (PIP-Net's 32-px patch at the peak cell), which does not shrink as the grid gets
+    finer (a 14 x 14 grid's cell is 16 px at 224, a 7 x 7 grid's 32 px).
     """
     data = cache.split(split)
     annotations = data.annotations() or {}
@@ -313,7 +315,11 @@ def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: 
     hits = defining_part_hits(boxes, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
     any_part = defining_part_hits(boxes, keypoints, np.ones_like(hits))
     hit = hits.any(axis=1)
-    return {"share": float(hit.sum() / n_correct) if n_correct else None, "images": n_correct,
+    patches = pipnet_patch_boxes(Preprocessing.from_cache(cache), rows, cells, data.image_size, annotations.get("boxes"))
+    patch_hit = defining_part_hits(patches, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
+    return {"share": float(hit.sum() / n_correct) if n_correct else None,
+            "share_pipnet_patch": float(patch_hit.any(axis=1).sum() / n_correct) if n_correct else None,
+            "images": n_correct,
             "hits": int(hit.sum()), "on_any_part": float(any_part.any(axis=1).sum() / n_correct) if n_correct else None,
             "split": split, "by_part": {part_names[p]: int(hits[:, p].sum()) for p in range(len(part_names))
                                         if defining_by_class[:, p].any()}}

@@ -149,7 +149,11 @@ class ProtoQuantHead(nn.Module):
 
     def activation(self, f: torch.Tensor) -> torch.Tensor:
         """A = softmax over the K codes of S / tau at each location; (B, H, W, D) -> (B, K, H, W)."""
-        scores = self.similarity(f) / self.tau  # (B, K, H, W)
+        return self.activation_from_similarity(self.similarity(f))
+
+    def activation_from_similarity(self, similarity: torch.Tensor) -> torch.Tensor:
+        """A from S (B, K, H, W): for callers that need S too (the anchor term) without a second product."""
+        scores = similarity / self.tau  # (B, K, H, W)
         removed = ~self.code_mask[None, :, None, None]  # (1, K, 1, 1)
         scores = scores.masked_fill(removed, float("-inf"))  # a removed code no longer exists
         return scores.softmax(dim=1)  # METHOD.md stage B: over codes, NOT over space
@@ -177,6 +181,22 @@ class ProtoQuantHead(nn.Module):
     def l1_penalty(self) -> torch.Tensor:
         """sum of relu(W) (METHOD.md stage B: optional L1, off by default)."""
         return F.relu(self.weight).sum()
+
+    def anchor_penalty(self, similarity: torch.Tensor, *, reduce_max=None, world: int = 1) -> torch.Tensor:
+        """Mean over the existing codes of 1 - the highest cosine between the code and any patch of the batch.
+
+        Stage B's pull of each code toward the real patch it most resembles (a dictionary term, like stage
+        A's): trained codes otherwise drift between patches and their nearest training patch stops showing
+        what they detect. similarity is S (B, K, H, W) of this batch; the gradient reaches only the codes.
+        Under DDP (world > 1, reduce_max = the element-wise max over ranks) each rank holds a share of the
+        batch: the value is the whole batch's, and the rank holding a code's best patch pulls it world-fold,
+        so that averaging the gradients over ranks gives one process's gradient.
+        """
+        nearest = similarity.amax(dim=(0, 2, 3))[self.code_mask]  # the best-matching patch of the batch, per code
+        if world > 1:
+            best = reduce_max(nearest.detach())
+            nearest = torch.where(nearest.detach() >= best, world * nearest - (world - 1) * best, best)
+        return (1.0 - nearest).mean()
 
     @torch.no_grad()
     def remove_codes(self, indices: torch.Tensor | list[int]) -> None:
@@ -407,12 +427,17 @@ class BackboneHead(nn.Module):
 
 def backbone_head(provenance: dict, num_classes: int, *, weights: str | Path | None = None,
                   device: torch.device | str = "cpu") -> BackboneHead:
-    """Rebuild the cache's backbone and wrap its classifier; refuse one that predicts other classes."""
-    from pipeline.backbones import load_backbone_for_cache
+    """Rebuild the cache's backbone and wrap its classifier; refuse one that predicts other classes, and a grid
+    that is not the model's final map (--layers other than final: its head reads forward_features)."""
+    from pipeline.backbones import FINAL, load_backbone_for_cache
 
     backbone = load_backbone_for_cache(provenance, weights=weights, device=str(device))
     outputs = int(getattr(backbone.model, "num_classes", 0) or 0)
     if outputs != num_classes:
         raise ProtoquantError(f"--use-backbone-head: {provenance['backbone']} predicts {outputs} classes but the "
                               f"dataset has {num_classes}; train the linear probe instead (leave out --use-backbone-head)")
+    if backbone.layers != (FINAL,):  # extract's default (--layers auto) is a stride 16+32 grid
+        raise ProtoquantError(f"--use-backbone-head: the cache's grid is --layers {','.join(map(str, backbone.layers))}, "
+                              "not the forward_features map the model's own head reads; extract with --layers final "
+                              "for it, or train the linear probe (leave out --use-backbone-head)")
     return BackboneHead(backbone.model, backbone.layout).to(device)

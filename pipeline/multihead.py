@@ -218,26 +218,28 @@ def grounding_together(sources: list[FeatureSource], codes: list[list[tuple[str,
 
 # --- stage B for many heads at once --------------------------------------------------------------------------
 
-def stacked_logits(heads: list[ProtoQuantHead], f: torch.Tensor) -> list[torch.Tensor]:
-    """Every head's logits (B, C) for one grid batch f (B, H, W, D), through ONE similarity product.
-
-    The same math as ProtoQuantHead.forward (METHOD.md stage B), head by head after the shared product.
-    """
+def stacked_similarities(heads: list[ProtoQuantHead], f: torch.Tensor) -> list[torch.Tensor]:
+    """Every head's S (B, K, H, W) for one grid batch f (B, H, W, D), through ONE similarity product."""
     f_unit = F.normalize(f.float(), dim=-1, eps=COSINE_EPS)  # (B, H, W, D), once for all heads
     units = torch.cat([F.normalize(h.codes, dim=-1, eps=COSINE_EPS) for h in heads])  # (sum K, D)
     similarity = torch.einsum("bhwd,kd->bkhw", f_unit, units)  # (B, sum K, H, W)
-    out = []
-    for head, s in zip(heads, similarity.split([h.codes.shape[0] for h in heads], dim=1)):
-        scores = (s / head.tau).masked_fill(~head.code_mask[None, :, None, None], float("-inf"))
-        presence = scores.softmax(dim=1).amax(dim=(2, 3))  # softmax over codes, spatial max: (B, K)
-        out.append(head.logits_from_presence(presence))
-    return out
+    return list(similarity.split([h.codes.shape[0] for h in heads], dim=1))
 
 
-def heads_loss(heads: list[ProtoQuantHead], l1: list[float], *, label_smoothing: float,
+def stacked_logits(heads: list[ProtoQuantHead], f: torch.Tensor) -> list[torch.Tensor]:
+    """Every head's logits (B, C): the same math as ProtoQuantHead.forward (METHOD.md stage B), head by
+    head after the shared product."""
+    return [_logits(head, s) for head, s in zip(heads, stacked_similarities(heads, f))]
+
+
+def _logits(head: ProtoQuantHead, similarity: torch.Tensor) -> torch.Tensor:
+    return head.logits_from_presence(head.activation_from_similarity(similarity).amax(dim=(2, 3)))
+
+
+def heads_loss(heads: list[ProtoQuantHead], l1: list[float], anchor: list[float], *, label_smoothing: float,
                mixup_alpha: float = 0.0) -> JointLoss:
-    """pipeline.training.classification_loss for every head of a lane, from one batch (mixup drawn once:
-    heads of one seed draw the same numbers in `train`)."""
+    """pipeline.training.stage_b_loss for every head of a lane, from one batch (mixup drawn once: heads of
+    one seed draw the same numbers in `train`); anchor: each head's weight (0 for frozen codes)."""
     num_classes = heads[0].weight.shape[0]
 
     def loss(features: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator):
@@ -246,10 +248,12 @@ def heads_loss(heads: list[ProtoQuantHead], l1: list[float], *, label_smoothing:
             onehot = F.one_hot(labels, num_classes).float()  # (B, C)
             features, target = mixup(features, onehot, alpha=mixup_alpha, rng=rng)
         out = []
-        for head, logits, weight in zip(heads, stacked_logits(heads, features), l1):
-            value = F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-            if weight > 0:
-                value = value + weight * head.l1_penalty()
+        for head, s, l1_weight, anchor_weight in zip(heads, stacked_similarities(heads, features), l1, anchor):
+            value = F.cross_entropy(_logits(head, s), target, label_smoothing=label_smoothing)
+            if l1_weight > 0:
+                value = value + l1_weight * head.l1_penalty()
+            if anchor_weight > 0:
+                value = value + anchor_weight * head.anchor_penalty(s)
             out.append((value, {}))
         return out
 

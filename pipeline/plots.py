@@ -71,3 +71,15 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
         out.append(f'<text x="{left + 28}" y="{top + 13 + 16 * i}">{escape(s.label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def sparsity_chart(sparsity: dict) -> str:
+    """The path's validation accuracy against its local size, the chosen point marked (SVG)."""
+    curve = sparsity.get("curve", [])
+    chosen = sparsity.get("chosen") or {}
+    series = [Series("validation top-1 along the path", [(p["local_size"], p["val_top1"]) for p in curve])]
+    if chosen:
+        series.append(Series(f"chosen ({chosen['local_size']:.1f} weights per class)",
+                             [(chosen["local_size"], chosen["val_top1"])]))
+    return line_chart(series, title="accuracy vs explanation size (elastic-net path)",
+                      x_label="weights > 0.1 per class (mean)", y_label="validation top-1", y_range=(0.0, 1.0))

@@ -3,11 +3,13 @@
     TrainSettings                 every option of `protoquant train` (recorded in RUN/config.json)
     OptimSettings, lr_factor      AdamW/Adam with linear warm-up then cosine decay, set every step
     classification_loss           cross-entropy with label smoothing, optional feature mixup
+    stage_b_loss                  the head's: plus L1 on relu(W) and the anchor of trainable codes
     accuracy, code_grounding      top-1 over a FeatureSource; how close codes stay to real patches
     Phase, run_phase              one training phase (probe, stage A, stage B): epochs, selection on
                                   validation, a resumable PhaseState after every epoch; a non-finite
                                   loss stops it with a named error
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
+    after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train and sweep
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall
@@ -46,8 +48,7 @@ class TrainSettings:
     probe_lr: float = 1e-3
     codebook_lr: float = 5e-4         # METHOD.md stage A reference setting (Adam)
     head_lr: float = 5e-3
-    codes_lr: float = 0.03            # stage B codes (train_codes), relative to their RMS coordinate; faster
-                                      # codes drift off the patches and the push then costs more
+    codes_lr: float = 0.1             # stage B codes (train_codes), relative to their RMS coordinate
     weight_decay: float = 1e-4        # AdamW, probe and head weights
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
@@ -55,6 +56,7 @@ class TrainSettings:
     tau: float = 0.1
     train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
     l1: float = 2e-3                  # L1 on relu(W), per weight
+    anchor: float = 1.0               # stage B: pull of each code toward its best-matching patch in the batch
     mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
     val_fraction: float = 0.1
     seed: int = 0
@@ -63,7 +65,8 @@ class TrainSettings:
     use_backbone_head: bool = False
     device: str = "auto"
     # After stage B (pipeline/sparsity.py, pipeline/grounding.py push_codes):
-    ground: bool = True               # every code becomes its nearest training patch (grounding 1.0)
+    ground: bool = False              # push: every code becomes its nearest training patch (grounding 1.0);
+                                      # off by default: measured, it costs 3-15 points of top-1 (README)
     sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
     sparsity_tolerance: float = 0.01  # path: the sparsest head within this of the best validation top-1
     sparsity_k: int = 5               # topk: weights kept per class
@@ -84,7 +87,7 @@ def check_train_settings(s: TrainSettings) -> None:
     if s.batch_size < 1:
         raise ProtoquantError(f"--batch-size must be at least 1, got {s.batch_size}")
     for name in ("probe_lr", "codebook_lr", "head_lr", "codes_lr", "weight_decay", "warmup_epochs", "dict_weight",
-                 "l1", "mixup"):
+                 "l1", "anchor", "mixup"):
         value = getattr(s, name)
         if not math.isfinite(value) or value < 0:
             raise ProtoquantError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
@@ -146,7 +149,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 # --- losses ------------------------------------------------------------------------------------------
 
-def classification_loss(model: nn.Module, num_classes: int, *, label_smoothing: float, mixup_alpha: float = 0.0,
+def classification_loss(model: Callable[[torch.Tensor], torch.Tensor], num_classes: int, *, label_smoothing: float, mixup_alpha: float = 0.0,
                         penalty: Callable[[], torch.Tensor] | None = None) -> LossFn:
     """Cross-entropy with label smoothing of model(grid), optional feature mixup and an extra penalty.
 
@@ -166,6 +169,28 @@ def classification_loss(model: nn.Module, num_classes: int, *, label_smoothing: 
         return value, {}
 
     return loss
+
+
+def stage_b_loss(head: nn.Module, settings: TrainSettings, dist: Distributed = Distributed()) -> LossFn:
+    """classification_loss of a ProtoQuantHead plus its L1 penalty and, when its codes train, the anchor term."""
+    s = settings
+    anchored = s.anchor > 0 and s.train_codes and isinstance(head.codes, nn.Parameter)
+    penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None
+    if not anchored:
+        return classification_loss(head, head.weight.shape[0], label_smoothing=s.label_smoothing,
+                                   mixup_alpha=s.mixup, penalty=penalty)
+    similarity: list[torch.Tensor] = []
+
+    def logits(features: torch.Tensor) -> torch.Tensor:  # keeps S for the anchor: one product per batch
+        similarity[:] = [head.similarity(features)]
+        return head.logits_from_presence(head.activation_from_similarity(similarity[0]).amax(dim=(2, 3)))
+
+    def anchor() -> torch.Tensor:
+        value = s.anchor * head.anchor_penalty(similarity[0], reduce_max=dist.max, world=dist.world)
+        return value + penalty() if penalty is not None else value
+
+    return classification_loss(logits, head.weight.shape[0], label_smoothing=s.label_smoothing,
+                               mixup_alpha=s.mixup, penalty=anchor)
 
 
 # --- accuracy ----------------------------------------------------------------------------------------
@@ -365,11 +390,55 @@ def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int,
         # a relative rate: the same setting suits backbones whose features differ in scale
         rms = float(head.codes.detach().pow(2).mean().sqrt())
         groups.append({"params": [head.codes], "lr": s.codes_lr * rms, "weight_decay": 0.0})
-    penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None
-    loss = classification_loss(head, head.weight.shape[0], label_smoothing=s.label_smoothing, mixup_alpha=s.mixup,
-                               penalty=penalty)
+    loss = stage_b_loss(head, s, dist)
 
     def validate() -> dict:
         return {"val_top1": accuracy(head, val, device=device, dist=dist), "codes_in_use": int(codes_in_use(head).sum())}
 
     return Phase(name, head, groups, loss, validate, OptimSettings(epochs, s.head_lr, s.weight_decay, s.warmup_epochs, "adamw"))
+
+
+# --- after stage B: push and sparsity (train and sweep) -----------------------------------------------------
+
+def needs_finetune(settings: TrainSettings) -> bool:
+    """A top-k cut, or a push without the path refit, is followed by a W-only fine-tuning phase."""
+    return settings.sparsity == "topk" or (settings.sparsity == "none" and settings.ground)
+
+
+@torch.no_grad()
+def after_stage_b(head: nn.Module, settings: TrainSettings, train_rows: Callable[[], object],
+                  val_rows: Callable[[], object], *, device: torch.device) -> tuple[dict, dict]:
+    """In place, after stage B: the push (settings.ground: every code becomes its nearest training patch and
+    stops training), then the sparse step (path: W refit on the cached presence; topk: the cut, then the
+    unused codes leave the softmax). train_rows / val_rows give a fresh pass of (grid, label) batches in row
+    order, the same on every rank. -> (push record, sparsity record); the fine-tuning that follows a cut
+    (needs_finetune) is the caller's phase."""
+    from pipeline.grounding import push_codes
+    from pipeline.model import drop_unused_codes, keep_top_k_weights
+    from pipeline.sparsity import PathSettings, refit_head
+
+    s = settings
+    push: dict = {"pushed": False}
+    sparsity: dict = {"method": s.sparsity}
+    if s.ground:
+        push = push_codes(head, train_rows(), device=device)
+        freeze_codes(head)
+    if s.sparsity == "path":
+        started = time.perf_counter()
+        path = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, tolerance=s.sparsity_tolerance,
+                            relax=s.path_relax)
+        sparsity |= refit_head(head, train_rows(), val_rows(), path, device=device)
+        sparsity["seconds"] = round(time.perf_counter() - started, 3)
+    elif s.sparsity == "topk":
+        keep_top_k_weights(head, s.sparsity_k)  # the paper's stage 2b: the cut, then the unused codes go
+        drop_unused_codes(head)
+    return push, sparsity
+
+
+def freeze_codes(head: nn.Module) -> None:
+    """Codes that are training patches stay so: a buffer, saved with train_codes False, which no later
+    fine-tuning (train's finetune, prune's) moves."""
+    codes = head.codes.detach().clone()
+    del head.codes
+    head.register_buffer("codes", codes)
+    head.train_codes = False

@@ -49,7 +49,8 @@ class DemoSettings:
     workers: int = 2
     seed: int = 0
     # The recipe measured best on part-defined data (README, "Stage 1"): stride 16+32 grid, whole image
-    # squashed to the input (nothing cut); train's defaults then ground every code and sparsify the head.
+    # squashed to the input (nothing cut): extract's defaults too; train's defaults then anchor the codes and
+    # sparsify the head.
     layers: str = "auto"
     crop_mode: str = "squash"
     crop_pct: float = 1.0
@@ -251,7 +252,8 @@ def _result_rows(evaluation: dict, interp: dict, curve: list[dict]) -> list[tupl
         ("local size: codes per image (PIP-Net)", _number(evaluation.get("local_size_pipnet"), ".1f")),
         ("purity (PIP-Net protocol, mean)", _number(purity.get("mean"))),
         ("codes with purity > 0.5", str(purity.get("above_0_5", "-"))),
-        ("evidence on defining parts", _number(evidence.get("share"))),
+        ("evidence on defining parts (the peak cell's receptive box)", _number(evidence.get("share"))),
+        ("evidence on defining parts (purity's 32-px patch)", _number(evidence.get("share_pipnet_patch"))),
         ("grounding: mean cosine of the codes in use to their nearest training patch",
          _number(grounding.get("mean_cosine"))),
         ("test images", str(evaluation["n"])),

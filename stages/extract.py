@@ -24,7 +24,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from pipeline.backbones import AUTOCAST_DTYPE, FINAL, Backbone, extract_grid, load_backbone
+from pipeline.backbones import AUTO, AUTOCAST_DTYPE, FINAL, Backbone, extract_grid, load_backbone
 from pipeline.cache import (NOT_WRITTEN, Cache, SplitPlan, create_cache, describe_foreign_cache, is_protoquant_cache,
                             plan_shards, settings_hash, write_shard)
 from pipeline.datasets import Dataset, Record, load_image, open_dataset
@@ -37,7 +37,12 @@ from pipeline.progress import progress_bar
 from pipeline.views import view_transform
 
 
-BOX_CROP_PCT, BOX_CROP_MODE = 1.0, "squash"  # --crop-to-box default: the whole box, resized to S x S
+# extract's defaults: the recipe measured best on part-defined data and on Fashion-MNIST (README, "Which
+# feature map"): the backbone family's layers (AUTO: a CNN's deepest stride-16 + stride-32 stages on the
+# stride-16 grid, a ViT's final tokens) and the whole image (or box) squashed to S x S with nothing cut.
+# None keeps plain timm: layers None = the final map, crop None = the model's own data config.
+DEFAULT_LAYERS_SPEC = AUTO
+DEFAULT_CROP_MODE, DEFAULT_CROP_PCT = "squash", 1.0
 
 
 @dataclass
@@ -194,7 +199,11 @@ def _prepare_store(out: Path, ours: bool, overwrite: bool, settings: dict, plans
     if cache.attrs["settings_hash"] != settings_hash(settings):
         theirs = cache.attrs.get("settings", {})
         diff = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
-        raise ProtoquantError(f"--out {out} holds a cache made with other settings (differs in: {', '.join(diff)}); "
+        made = ""
+        if "data_config" in theirs and _grid_options(theirs) != _grid_options(settings):  # e.g. made before the defaults changed
+            made = (f"; it was made with {_grid_options(theirs)} (extract's defaults: --layers {DEFAULT_LAYERS_SPEC} "
+                    f"--crop-mode {DEFAULT_CROP_MODE} --crop-pct {DEFAULT_CROP_PCT}): pass those to resume it")
+        raise ProtoquantError(f"--out {out} holds a cache made with other settings (differs in: {', '.join(diff)}){made}; "
                               "pass --overwrite to replace it, or choose another --out")
     if any(cache.split(name).recorded() is None for name in cache.splits):
         raise ProtoquantError(f"--out {out} was started by an older protoquant that recorded no shard checksums: "
@@ -203,6 +212,13 @@ def _prepare_store(out: Path, ours: bool, overwrite: bool, settings: dict, plans
         _check_listing(out, cache.split(name), plan)
     _reset_shards_to_redo(cache)
     return cache
+
+
+def _grid_options(settings: dict) -> str:
+    """The --layers / --crop-mode / --crop-pct a cache's settings record (resolved: stage indices, timm's crop)."""
+    config = settings["data_config"]
+    layers = ",".join(map(str, settings.get("layers") or [FINAL]))  # no "layers": made with the final map
+    return f"--layers {layers} --crop-mode {config.get('crop_mode', 'center')} --crop-pct {config.get('crop_pct')}"
 
 
 def _check_listing(out: Path, split, plan: SplitPlan) -> None:
@@ -261,18 +277,18 @@ def extract(
     model_kwargs: dict | None = None,
     kind: str = "auto",
     progress: bool = False,
-    layers: str | tuple | None = None,
-    crop_pct: float | None = None,
-    crop_mode: str | None = None,
+    layers: str | tuple | None = DEFAULT_LAYERS_SPEC,
+    crop_pct: float | None = DEFAULT_CROP_PCT,
+    crop_mode: str | None = DEFAULT_CROP_MODE,
 ) -> ExtractSummary:
     """Extract every split of `data` into the Zarr store `out` (resuming an interrupted run).
 
-    `layers` picks the maps of the grid (pipeline/backbones.py; None = the final map); `crop_pct` and
-    `crop_mode` override timm's data config. With `crop_to_box` and neither given, the box crop is
-    squashed to the input size with nothing cut (the paper's CUB transform; METHOD.md pitfall 6).
+    `layers` picks the maps of the grid (pipeline/backbones.py): by default AUTO, the family's measured
+    default (resolved and recorded as stage indices); "final" or None = forward_features. `crop_pct` and
+    `crop_mode` override timm's data config: by default squash 1.0, the whole image (with `crop_to_box`
+    the whole box: the paper's CUB transform; METHOD.md pitfall 6) resized to S x S with nothing cut;
+    None = the model's own value (e.g. crop_mode None and crop_pct None: timm's centre crop).
     """
-    if crop_to_box and crop_pct is None and crop_mode is None:
-        crop_pct, crop_mode = BOX_CROP_PCT, BOX_CROP_MODE
     started = time.perf_counter()
     refuse_url(out, "--out")
     out = Path(out)

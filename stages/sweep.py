@@ -39,16 +39,17 @@ from pipeline.devices import resolve_device
 from pipeline.distributed import Distributed
 from pipeline.errors import ProtoquantError
 from pipeline.io import read_artifact, read_json, write_artifact, write_json, write_log
-from pipeline.model import ProbeHead, ProtoQuantHead, codes_in_use, quantize, save_head, save_probe, stage_a_loss
+from pipeline.model import (ProbeHead, ProtoQuantHead, codes_in_use, local_size_per_class, quantize, save_head,
+                            save_probe, stage_a_loss)
 from pipeline.multihead import (Codes, Lane, Member, grounding_together, heads_loss, run_round,
                                 stacked_logits)
 from pipeline.paths import check_output, remove_ours
-from pipeline.plots import Series, line_chart
+from pipeline.plots import Series, line_chart, sparsity_chart
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
-                               classification_loss, head_phase, optimizer_to_artifact, phase_state_from_artifact,
-                               state_to_tensors)
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, after_stage_b, check_train_settings,
+                               classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
+                               phase_state_from_artifact, state_to_tensors)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -215,9 +216,10 @@ class _SeedData:
     train_rows: np.ndarray
     val_rows: np.ndarray
 
-    def scan(self, batch_size: int = 256) -> FeatureSource:
-        return FeatureSource(self.train.split, self.train_rows, SourceSettings(batch_size, shuffle=False),
-                             ram=self.train.ram)
+    def scan(self, batch_size: int = 256, rows: np.ndarray | None = None) -> FeatureSource:
+        """Rows in order (the training share by default), original grids."""
+        rows = self.train_rows if rows is None else rows
+        return FeatureSource(self.train.split, rows, SourceSettings(batch_size, shuffle=False), ram=self.train.ram)
 
 
 class _SweepTrainer:
@@ -230,6 +232,7 @@ class _SweepTrainer:
         self.seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
         self.states: dict[str, PhaseState] = {}
         self.grounding: dict[str, torch.Tensor] = {}
+        self.tails: dict[str, tuple[dict, dict]] = {}  # per head: after_stage_b's (push, sparsity) records
         self.current: list[str] = []
         self.data = self._open_data(cache.split("train"))
         self.in_ram = self.data[self.seeds[0]].train.ram is not None
@@ -329,7 +332,7 @@ class _SweepTrainer:
         base, n_classes = self.settings, len(self.cache.classes)
         heads, lanes = {}, []
         for seed in self.seeds:
-            data, members, lane_heads, l1 = self.data[seed], [], [], []
+            data, members, lane_heads, l1, anchor = self.data[seed], [], [], [], []
             for i, spec in enumerate(self.specs):
                 if spec.seed != seed:
                     continue
@@ -340,11 +343,16 @@ class _SweepTrainer:
                 members.append(Member(f"head{i}", phase, head, _codes_in_use_of(head)))
                 lane_heads.append(head)
                 l1.append(s.l1)
+                anchor.append(s.anchor if s.train_codes else 0.0)
                 heads[spec.name] = head
-            joint = heads_loss(lane_heads, l1, label_smoothing=base.label_smoothing, mixup_alpha=base.mixup)
+            joint = heads_loss(lane_heads, l1, anchor, label_smoothing=base.label_smoothing, mixup_alpha=base.mixup)
             lanes.append(Lane(seed, data.train, data.val, members, joint))
         self._round("head", lanes)
-        return {name: finish_head(head) for name, head in heads.items()}
+        for spec in self.specs:  # train's push and sparse step, head by head (seconds: the presence is small)
+            data = self.data[spec.seed]
+            self.tails[spec.name] = after_stage_b(heads[spec.name], spec.settings(base), lambda: data.scan().batches(0),
+                                                  lambda: data.scan(rows=data.val_rows).batches(0), device=self.device)
+        return {name: head.eval() for name, head in heads.items()}
 
     # --- checkpoint: like train's, one entry per model -------------------------------------------------------
 
@@ -366,17 +374,13 @@ class _SweepTrainer:
         return [record for key in keys if key in self.states for record in self.states[key].history]
 
 
-def finish_head(head: ProtoQuantHead) -> ProtoQuantHead:
-    """THE SEAM for the step after stage B. `train`'s push and sparse refit (issue 9) live inside its stage
-    for now; once they are one pipeline function, call it here and drop stage_b_only."""
-    return head.eval()
-
-
 def stage_b_only(settings: TrainSettings) -> TrainSettings:
-    """Sweep heads end at stage B (see finish_head), and their recorded settings say so: `train --config RUN`
-    then replays exactly the head the sweep wrote."""
-    changes = {"ground": False, "sparsity": "none"}
-    return replace(settings, **{k: v for k, v in changes.items() if hasattr(settings, k)})
+    """A sweep has no fine-tuning phase: heads whose settings would need one (a top-k cut, or a push without
+    the path refit) end at stage B, and their recorded settings say so (`train --config RUN` then replays
+    exactly the head the sweep wrote)."""
+    if not needs_finetune(settings):
+        return settings
+    return replace(settings, ground=False, sparsity="none")
 
 
 def _codes_in_use_of(head: ProtoQuantHead) -> Callable[[], dict]:
@@ -415,12 +419,17 @@ def _write_run(run_path: Path, trainer: _SweepTrainer, spec: HeadSpec, head: Pro
     states = {phase: trainer.states[key] for phase, key in keys.items()}
     data = trainer.data[spec.seed]
     grounding = trainer.grounding[spec.name]
+    push, sparsity = trainer.tails[spec.name]
+    per_class = local_size_per_class(head).float()
+    local_size = {"mean": float(per_class.mean()), "max": int(per_class.max())}
     in_use = codes_in_use(head).cpu()
     metrics = {
         "val_top1": {"probe": _score(states["probe"]), "quantized_probe": _score(states["codebook"]),
                      "head": _score(states["head"])},
         "grounding": {"mean_max_cosine": float(grounding.mean()),
-                      "mean_max_cosine_in_use": float(grounding[in_use].mean()) if in_use.any() else float("nan")},
+                      "mean_max_cosine_in_use": float(grounding[in_use].mean()) if in_use.any() else float("nan"),
+                      **push},
+        "sparsity": {**sparsity, "local_size": local_size},
         "best_epoch": {phase: state.best_epoch for phase, state in states.items()},
         "phase_seconds": {phase: round(sum(r["seconds"] for r in state.history) / sharing[phase], 3)
                           for phase, state in states.items()},
@@ -437,6 +446,8 @@ def _write_run(run_path: Path, trainer: _SweepTrainer, spec: HeadSpec, head: Pro
     write_json(run_dir.work / "config.json", _config(cache, codebook_path, trainer.books[spec.codebook][1], codes,
                                                      settings, data, trainer, spec))
     write_json(run_dir.work / "metrics.json", metrics)
+    if sparsity.get("curve"):
+        write_text(run_dir.work / "sparsity.svg", sparsity_chart(metrics["sparsity"]))
     write_log(run_dir.work / "log.jsonl", trainer.history(list(keys.values())))
     finish_run_dir(run_dir.work, run_path)
 

@@ -6,8 +6,9 @@ Three phases, each selecting its best epoch on a validation split carved from tr
     codebook   stage A: every patch replaced by its nearest code (cosine argmax, raw code), the
                quantized grid through the frozen probe; cross-entropy + dictionary MSE; only codes learn
     head       stage B: cosine similarity, softmax over codes (tau), spatial max, relu(W) with
-               W ~ N(1, 0.1); codes frozen unless train_codes; optional L1 on relu(W)
-    ground     (no epochs) with ground, every code becomes its nearest training patch (ProtoPNet's push)
+               W ~ N(1, 0.1); codes frozen unless train_codes, then held near real patches by the
+               anchor term; optional L1 on relu(W)
+    ground     (no epochs, off by default) every code becomes its nearest training patch (ProtoPNet's push)
     sparsity   path: W refit on the cached presence by a non-negative elastic-net path, the sparsest
                point within sparsity_tolerance of the best validation top-1 kept (pipeline/sparsity.py);
                topk: the paper's stage 2b (per-class top-k, unused codes removed, then the phase below)
@@ -40,16 +41,15 @@ from pipeline.data import FeatureSource, SourceSettings, TrainingData, open_trai
 from pipeline.devices import resolve_device
 from pipeline.distributed import Distributed, init_distributed
 from pipeline.errors import ProtoquantError
-from pipeline.grounding import push_codes
 from pipeline.io import read_artifact, write_artifact, write_json, write_log, write_text_atomic
-from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_use, drop_unused_codes,
-                            keep_top_k_weights, local_size_per_class, save_head, save_probe, stage_a_loss)
-from pipeline.plots import Series, line_chart
+from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_use, local_size_per_class, save_head,
+                            save_probe, stage_a_loss)
+from pipeline.plots import sparsity_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
-from pipeline.sparsity import PathSettings, refit_head
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, check_train_settings,
-                               classification_loss, code_grounding, head_phase, optimizer_to_artifact,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b,
+                               check_train_settings, classification_loss, code_grounding, head_phase,
+                               needs_finetune, optimizer_to_artifact,
                                phase_state_from_artifact, run_phase, state_to_tensors)
 
 __all__ = ["TrainSettings", "TrainResult", "train"]
@@ -196,30 +196,15 @@ class _Trainer:
         head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed).to(self.device)
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
         self.val_scores["stage_b"] = self._val(head)
-        if s.ground:
-            self.push = push_codes(head, self._scan(self.data.train_rows).batches(0), device=self.device)
-            _freeze_codes(head)
-        if s.sparsity == "path":
-            self._refit(head)
-        elif s.sparsity == "topk":
-            keep_top_k_weights(head, s.sparsity_k)  # the paper's stage 2b: the cut, then the unused codes go
-            drop_unused_codes(head)
-        if s.sparsity == "topk" or (s.sparsity == "none" and s.ground):
+        self.push, sparsity = after_stage_b(head, s, lambda: self._scan(self.data.train_rows).batches(0),
+                                            lambda: self._scan(self.data.val_rows).batches(0), device=self.device)
+        self.sparsity |= sparsity
+        self.path_points = sparsity.get("curve", [])
+        if needs_finetune(s):
             self._run(head_phase("finetune", head, replace(s, train_codes=False), s.finetune_epochs, self.data.val,
                                  self.device, self.dist))
         self.val_scores["head"] = self._val(head)
         return head.eval()
-
-    def _refit(self, head: ProtoQuantHead) -> None:
-        """W := the chosen point of the elastic-net path on the cached presence (the codes stay as they are)."""
-        s = self.settings
-        settings = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, tolerance=s.sparsity_tolerance,
-                                relax=s.path_relax)
-        started = time.perf_counter()
-        record = refit_head(head, self._scan(self.data.train_rows).batches(0), self._scan(self.data.val_rows).batches(0),
-                            settings, device=self.device)
-        self.path_points = record["curve"]
-        self.sparsity |= record | {"seconds": round(time.perf_counter() - started, 3)}
 
     def _scan(self, rows) -> FeatureSource:
         """Every one of `rows` in row order, original grids, on every rank alike (the push and the refit must
@@ -311,31 +296,10 @@ def _config(cache: Cache, codebook_path, codebook_meta: dict, codes: torch.Tenso
         "device": str(dist.device), "rows_on_gpu": on_gpu})
 
 
-def _freeze_codes(head: ProtoQuantHead) -> None:
-    """Codes that are training patches stay so: a buffer, saved with train_codes False, which no later
-    fine-tuning (finetune here, prune's) moves."""
-    codes = head.codes.detach().clone()
-    del head.codes
-    head.register_buffer("codes", codes)
-    head.train_codes = False
-
-
 def _local_size(head: ProtoQuantHead) -> dict:
     """The authors' local size: weights relu(W) > 0.1 per class, mean and max over classes."""
     per_class = local_size_per_class(head).float()
     return {"mean": float(per_class.mean()), "max": int(per_class.max())}
-
-
-def sparsity_chart(sparsity: dict) -> str:
-    """The path's validation accuracy against its local size, the chosen point marked (SVG)."""
-    curve = sparsity.get("curve", [])
-    chosen = sparsity.get("chosen") or {}
-    series = [Series("validation top-1 along the path", [(p["local_size"], p["val_top1"]) for p in curve])]
-    if chosen:
-        series.append(Series(f"chosen ({chosen['local_size']:.1f} weights per class)",
-                             [(chosen["local_size"], chosen["val_top1"])]))
-    return line_chart(series, title="accuracy vs explanation size (elastic-net path)",
-                      x_label="weights > 0.1 per class (mean)", y_label="validation top-1", y_range=(0.0, 1.0))
 
 
 def _resume_key(config: dict) -> dict:

@@ -53,7 +53,8 @@ def test_quick_demo_runs_every_stage_then_skips_them_all(quick_demo) -> None:
     interp = figures["interpretability"]
     assert {"purity", "misalignment", "stability", "deletion", "grounding"} <= set(interp)
     assert interp["grounding"]["codes"] == evaluation["codes_used"]  # grounding is reported over the codes in use
-    assert 0.999 <= interp["grounding"]["min_cosine"] <= interp["grounding"]["mean_cosine"] <= 1.0 + 1e-6  # pushed
+    grounding = interp["grounding"]  # anchored, not pushed (train's default): near real patches, not on them
+    assert 0.5 < grounding["min_cosine"] <= grounding["mean_cosine"] < 0.999
 
     report = (out / "index.html").read_text()
     assert "gallery/index.html" in report and "explain/index.html" in report and "<svg" in report

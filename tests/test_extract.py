@@ -25,6 +25,7 @@ from tests.conftest import make_cub, make_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(workers=0, batch_size=4, image_size=64)
+PLAIN_TIMM = dict(layers="final", crop_mode=None, crop_pct=None)  # forward_features on the model's own timm crop
 
 
 def _plain_timm_grid(name: str, image_path: Path, image_size: int, **model_kwargs) -> np.ndarray:
@@ -50,7 +51,7 @@ def _row_of(split, rel_id: str) -> int:
 @pytest.mark.parametrize("name,model_kwargs", [("test_resnet", {}), ("test_vit", {"reg_tokens": 4})])
 def test_store_equals_plain_timm(tmp_path, name, model_kwargs):
     truth = make_imagefolder(tmp_path / "data")
-    summary = extract(truth.root, tmp_path / "c.zarr", backbone=name, model_kwargs=model_kwargs, **FAST)
+    summary = extract(truth.root, tmp_path / "c.zarr", backbone=name, model_kwargs=model_kwargs, **FAST, **PLAIN_TIMM)
     cache = Cache(tmp_path / "c.zarr")
     if model_kwargs:
         assert cache.provenance["num_prefix_tokens"] == 5  # class token + 4 registers, all dropped
@@ -97,9 +98,9 @@ def test_cub_annotations_crop_and_views(tmp_path):
     np.testing.assert_allclose(ann["part_locs"][row], np.array(truth.parts[truth.files["train"][0][0]]))
     assert tuple(train.image_size[row]) == Image.open(truth.root / truth.files["train"][0][0]).size
     views = train.views[:]
-    assert views.shape == (train.n, 2, 2, 2, 96) and not np.isnan(views).any()
+    assert views.shape == (train.n, 2, 4, 4, 288) and not np.isnan(views).any()  # the default grid: stride 16 + 32
     assert not np.allclose(views[:, 0], views[:, 1])            # two different draws
-    assert not np.allclose(views[:, 0], train.features[:])       # and not the centre crop
+    assert not np.allclose(views[:, 0], train.features[:])       # and not the plain (squashed) image
     assert cache.split("test").views is None                     # only training images get views
     extract(truth.root, tmp_path / "c2.zarr", backbone="test_resnet", views=2, crop_to_box=True, **FAST)
     np.testing.assert_array_equal(Cache(tmp_path / "c2.zarr").split("train").views[:], views)  # seeded
@@ -127,7 +128,7 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path):
     with pytest.raises(ProtoquantError, match="image_size|data_config"):
         extract(truth.root, tmp_path / "c.zarr", backbone="test_resnet", workers=0, image_size=96)
     extract(truth.root, tmp_path / "c.zarr", backbone="test_resnet", workers=0, image_size=96, overwrite=True)
-    assert Cache(tmp_path / "c.zarr").grid == (3, 3)
+    assert Cache(tmp_path / "c.zarr").grid == (6, 6)  # the default stride-16 grid at 96 px
 
 
 def test_layout_plan_is_chunk_aligned():

@@ -151,7 +151,7 @@ def test_crop_to_box_squashes_the_whole_box_to_the_input_by_default(tmp_path) ->
     x = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(config["mean"]).view(3, 1, 1)) / torch.tensor(
         config["std"]).view(3, 1, 1)
     with torch.no_grad():
-        expected = extract_grid(load_backbone("test_resnet", image_size=SIZE), x[None])[0]
+        expected = extract_grid(load_backbone("test_resnet", image_size=SIZE, layers=cache.provenance["layers"]), x[None])[0]
     torch.testing.assert_close(torch.from_numpy(train.features[0].astype(np.float32)), expected, atol=1e-2, rtol=1e-3)
 
 
@@ -166,11 +166,12 @@ def test_cli_extract_refuses_a_bad_crop_in_one_line(imagefolder_data, tmp_path) 
     assert not (tmp_path / "c.zarr").exists()
 
 
-def test_resuming_with_other_layers_is_refused_and_the_default_keeps_older_settings(imagefolder_data, tmp_path) -> None:
+def test_resuming_with_other_layers_is_refused_and_a_final_map_cache_keeps_older_settings(imagefolder_data, tmp_path) -> None:
     out = tmp_path / "c.zarr"
-    extract(imagefolder_data.root, out, backbone="test_resnet", image_size=SIZE, workers=0)
+    extract(imagefolder_data.root, out, backbone="test_resnet", image_size=SIZE, workers=0, layers="final")
     assert "layers" not in Cache(out).attrs["settings"]  # a cache made before --layers resumes as before
-    with pytest.raises(ProtoquantError, match=r"other settings \(differs in: dim, grid, layers\)"):
+    with pytest.raises(ProtoquantError, match=r"other settings \(differs in: dim, grid, layers\); it was made with "
+                                              r"--layers final --crop-mode squash --crop-pct 1\.0 \(extract's defaults"):
         extract(imagefolder_data.root, out, backbone="test_resnet", image_size=SIZE, workers=0, layers="3,final")
     extract(imagefolder_data.root, out, backbone="test_resnet", image_size=SIZE, workers=0, layers="3,final",
             overwrite=True)
@@ -185,3 +186,35 @@ def test_a_stride_names_the_deepest_stage_at_that_resolution_in_any_family() -> 
     assert load_backbone("test_vit", image_size=SIZE, layers="auto").layers == (FINAL,)
     with pytest.raises(ProtoquantError, match=r"--layers s64: test_resnet has no feature stage at stride 64"):
         load_backbone("test_resnet", image_size=SIZE, layers="s64")
+
+
+def test_a_default_extraction_is_the_measured_recipe_and_records_it_truthfully(imagefolder_data, tmp_path) -> None:
+    """extract's defaults: --layers auto (a CNN's stride-16 + stride-32 stages) and the whole image squashed
+    (crop squash 1.0), resolved and recorded as such; the CLI's defaults are the library's, and the old
+    recipe stays one explicit choice away."""
+    extract(imagefolder_data.root, tmp_path / "lite0.zarr", backbone="tf_efficientnet_lite0", workers=0, batch_size=8)
+    cache = Cache(tmp_path / "lite0.zarr")
+    provenance = cache.provenance
+    assert provenance["layers"] == [3, 4] == cache.attrs["settings"]["layers"]  # 'auto' resolved: s16, s32
+    assert provenance["layer_shapes"] == [[14, 14, 112], [7, 7, 320]]
+    assert cache.grid == (14, 14) and cache.dim == 432  # 224 px: 4x the cells of the final map's 7 x 7
+    assert provenance["preprocessing_overrides"] == {"crop_pct": 1.0, "crop_mode": "squash"}
+    assert provenance["data_config"]["crop_mode"] == "squash" and provenance["data_config"]["crop_pct"] == 1.0
+    assert Preprocessing.from_cache(cache) == Preprocessing((224, 224), 1.0, "squash", (14, 14))
+    result = CliRunner().invoke(app, ["info", str(cache.path)])
+    assert result.exit_code == 0, result.output
+    assert "layers 3,4 (14x14x112 + 7x7x320) crop squash 1.0: 196 cells x 432 dims" in " ".join(result.output.split())
+
+    runner, data = CliRunner(), str(imagefolder_data.root)
+    common = ["-b", "test_resnet", "--image-size", str(SIZE), "--workers", "0"]
+    result = runner.invoke(app, ["extract", data, *common, "--out", str(tmp_path / "cli.zarr")])
+    assert result.exit_code == 0, result.output
+    cli = Cache(tmp_path / "cli.zarr")
+    assert cli.provenance["layers"] == [3, 4] and cli.grid == (4, 4)
+    assert cli.provenance["preprocessing_overrides"] == {"crop_pct": 1.0, "crop_mode": "squash"}
+    result = runner.invoke(app, ["extract", data, *common, "--out", str(tmp_path / "old.zarr"), "--layers", "final",
+                                 "--crop-mode", "center", "--crop-pct", "0.875"])
+    assert result.exit_code == 0, result.output
+    old = Cache(tmp_path / "old.zarr")
+    assert old.provenance["layers"] == ["final"] and "layers" not in old.attrs["settings"] and old.grid == (2, 2)
+    assert old.provenance["data_config"]["crop_mode"] == "center" and old.provenance["data_config"]["crop_pct"] == 0.875

@@ -238,6 +238,7 @@ def test_evidence_on_defining_parts_is_one_when_the_top_code_sits_on_the_definin
     result = evidence_on_defining_parts(head, squares.cache, [["square"], ["square"]], split="test")
     assert result["images"] == 8 and result["hits"] == 8 and result["share"] == 1.0  # every test image correct
     assert result["on_any_part"] == 1.0 and result["by_part"] == {"square": 8}
+    assert result["share_pipnet_patch"] == 1.0  # purity's patch at the same peak cell holds the square too
     # the tail defines both classes but is never visible: no image's evidence is on it
     tail = evidence_on_defining_parts(head, squares.cache, [["tail"], ["tail"]], split="test")
     assert tail["share"] == 0.0 and tail["on_any_part"] == 1.0 and tail["images"] == 8
@@ -249,6 +250,7 @@ def test_evidence_is_zero_when_the_head_looks_at_the_background(squares):
         head.weight.copy_(torch.tensor([[0.6, 0.0, 1.0], [0.0, 0.6, 1.0]]))
     result = evidence_on_defining_parts(head, squares.cache, [["square"], ["square"]], split="test")
     assert result["images"] > 0 and result["share"] == 0.0 and result["on_any_part"] == 0.0
+    assert result["share_pipnet_patch"] < 1.0  # off the square's block, a background patch misses it at times
 
 
 # ---- misalignment -----------------------------------------------------------------------------------------------

@@ -137,6 +137,21 @@ def test_removed_codes_leave_the_softmax() -> None:
         head.remove_codes([0, 2, 4])
 
 
+def test_anchor_penalty_is_one_minus_each_codes_best_cosine_in_the_batch() -> None:
+    # a 1 x 1 x 2 grid of unit patches e0 and e1 (axis vectors in 3 dims); code 0 copies e0 (best cosine 1),
+    # code 1 = e0 + e2 (best cosine 1/sqrt(2)), code 2 = e2 (best cosine 0, but removed: not counted)
+    f = torch.tensor([[[[1.0, 0, 0], [0, 1.0, 0]]]])  # (1, 1, 2, 3)
+    codes = torch.tensor([[2.0, 0, 0], [1.0, 0, 1.0], [0, 0, 1.0]])
+    head = ProtoQuantHead(codes, num_classes=2, train_codes=True)
+    head.remove_codes([2])
+    penalty = head.anchor_penalty(head.similarity(f))
+    assert float(penalty.detach()) == pytest.approx(((1 - 1) + (1 - 1 / math.sqrt(2))) / 2, abs=1e-6)
+    penalty.backward()
+    assert float(head.codes.grad[0].abs().sum()) == pytest.approx(0.0, abs=1e-6)  # on its patch: no pull
+    assert float(head.codes.grad[1] @ torch.tensor([1.0, 0, -1.0])) < 0  # descent turns code 1 toward e0
+    assert head.weight.grad is None  # only the codes feel it
+
+
 def test_peak_locations_are_the_spatial_argmax() -> None:
     a = torch.zeros(1, 2, 3, 4)  # (B, K, H, W)
     a[0, 0, 2, 1] = 1.0

@@ -26,7 +26,7 @@ from pipeline.data import evaluation_source
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import Preprocessing
 from pipeline.images import decode_rgb
-from pipeline.model import load_head
+from pipeline.model import backbone_head, load_head
 from pipeline.run import open_run
 from stages.codebook import CodebookSettings, build_codebook, sample_plan
 from stages.evaluate import evaluate
@@ -58,7 +58,7 @@ def test_codebook_same_seed_same_codes_with_metadata(trained, tmp_path) -> None:
     b, _ = load_codebook(tmp_path / "b.safetensors")
     c, _ = load_codebook(tmp_path / "c.safetensors")
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.shape == (16, 96)
+    assert a.shape == (16, Cache(trained["cache"]).dim)
     assert meta["cache_fingerprint"] == Cache(trained["cache"]).fingerprint
     assert meta["k"] == 16 and meta["seed"] == 0 and meta["init"] == "kmeans" and meta["sample"] <= 200
     assert 0 < meta["objective"] <= 1 and "created_utc" in meta and meta["seconds"] >= 0
@@ -215,7 +215,7 @@ def test_backbone_head_is_the_models_own_classifier_on_the_cached_grid(trained, 
     """A timm model built for the dataset's 4 classes: its forward_head on the cached grid = its full forward."""
     cache = tmp_path / "own.zarr"
     extract(trained["data"], cache, backbone="test_resnet", image_size=64, workers=0, skip_bad=True,
-            model_kwargs={"num_classes": 4})
+            model_kwargs={"num_classes": 4}, layers="final")  # the map the model's own head reads
     codebook = tmp_path / "cb.safetensors"
     build_codebook(cache, codebook, CodebookSettings(k=8))
     run = tmp_path / "run"
@@ -234,3 +234,9 @@ def test_backbone_head_is_the_models_own_classifier_on_the_cached_grid(trained, 
         predicted = reference(torch.from_numpy(test.features[:].astype(np.float32))).argmax(dim=1).numpy()
     by_hand = float((predicted == test.labels[:]).mean())
     assert evaluate(run, device="cpu").probe_top1 == pytest.approx(by_hand)
+    # extract's default grid (--layers auto: stride 16 + 32) is not the map the head reads: one line, not a shape error
+    default = tmp_path / "default.zarr"
+    extract(trained["data"], default, backbone="test_resnet", image_size=64, workers=0, skip_bad=True,
+            model_kwargs={"num_classes": 4})
+    with pytest.raises(ProtoquantError, match=r"--use-backbone-head: the cache's grid is --layers 3,4, .*--layers final"):
+        backbone_head(Cache(default).provenance, 4)

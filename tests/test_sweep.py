@@ -25,7 +25,7 @@ from stages.sweep import SweepGrid, sweep
 from stages.train import train
 from tests.test_train import FAST
 
-# Stage B only on both sides (the sweep's heads end there: stages/sweep.py finish_head).
+# Stage B only on both sides: the shared product is compared before any refit.
 SHORT = replace(FAST, epochs=4, probe_epochs=3, codebook_epochs=2)
 SHORT = replace(SHORT, **{k: v for k, v in {"ground": False, "sparsity": "none", "l1": 0.0}.items() if hasattr(SHORT, k)})
 GRID = SweepGrid(seeds=(0, 1), l1=(0.0,), tau=(0.1,))
@@ -65,6 +65,19 @@ def test_a_sweep_head_equals_the_head_train_gives(store, tmp_path, codebook, k, 
     for phase in ("probe", "quantized_probe", "head"):
         assert metrics["val_top1"][phase] == pytest.approx(trained.metrics["val_top1"][phase])
     assert metrics["best_epoch"] == {p: trained.metrics["best_epoch"][p] for p in ("probe", "codebook", "head")}
+
+
+def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path) -> None:
+    refit = replace(SHORT, sparsity="path", path_points=8)
+    sweep(store["cache"], store["books"][:1], tmp_path / "sweep", refit, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
+    train(store["cache"], store["books"][0], tmp_path / "run", refit)
+    swept = tmp_path / "sweep" / _head_name(0, 16, 0)
+    _assert_same_run(swept, tmp_path / "run")
+    curves = [read_json(run / "metrics.json", "")["sparsity"]["curve"] for run in (swept, tmp_path / "run")]
+    assert len(curves[0]) == 8
+    for key in ("val_top1", "local_size", "penalty"):
+        assert [p[key] for p in curves[0]] == pytest.approx([p[key] for p in curves[1]], abs=1e-6)
+    assert (swept / "sparsity.svg").read_text().startswith("<svg")
 
 
 def test_streamed_sweep_equals_train_for_its_first_seed(store, tmp_path) -> None:

@@ -33,6 +33,9 @@ from stages.train import TrainSettings, train
 
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 230), (230, 210, 40))
 # Short phases: the tiny dataset learns in a few epochs; the probe's rate suits the random-init features' scale.
+# The final map, timm's crop: a 2 x 2 x 96 grid at 64 px, small enough that multi-threaded CPU sums repeat
+# bit for bit between runs (on extract's default 4 x 4 x 288 grid they differ by ~1e-7, the resume tests' budget).
+PLAIN_GRID = {"layers": "final", "crop_mode": None, "crop_pct": None}
 FAST = TrainSettings(epochs=20, probe_epochs=4, codebook_epochs=2, batch_size=16, probe_lr=3e-2, val_fraction=0.2,
                      device="cpu")
 
@@ -66,7 +69,7 @@ def build_parts_cache(root: Path, *, views: int = 2) -> Path:
     data = root / "data"
     make_parts_dataset(data, per_class={"train": 24, "test": 8})
     cache = root / "cache.zarr"
-    extract(data, cache, backbone="test_resnet", image_size=64, workers=0, batch_size=32, views=views,
+    extract(data, cache, backbone="test_resnet", image_size=64, workers=0, batch_size=32, views=views, **PLAIN_GRID,
             skip_bad=True, rows_per_shard=16)
     return cache
 
@@ -242,7 +245,7 @@ def test_a_head_trained_on_shuffled_labels_scores_chance_on_test(tmp_path) -> No
     make_parts_dataset(data, per_class={"train": 16, "test": 8}, corrupt=False)
     shuffle_train_labels(data, seed=0)
     cache, codebook = tmp_path / "cache.zarr", tmp_path / "codebook.safetensors"
-    extract(data, cache, backbone="test_resnet", image_size=64, workers=0, batch_size=32)
+    extract(data, cache, backbone="test_resnet", image_size=64, workers=0, batch_size=32, **PLAIN_GRID)
     build_codebook(cache, codebook, CodebookSettings(k=16, seed=0))
     train(cache, codebook, tmp_path / "run", FAST)
     test = evaluate(tmp_path / "run", split="test", device="cpu")
@@ -303,7 +306,7 @@ def test_codebook_or_run_from_another_cache_is_refused(parts, tmp_path) -> None:
     other = tmp_path / "other"
     make_parts_dataset(other / "data", per_class={"train": 3, "test": 1}, seed=5, corrupt=False)
     other_cache = other / "cache.zarr"
-    extract(other / "data", other_cache, backbone="test_resnet", image_size=64, workers=0)
+    extract(other / "data", other_cache, backbone="test_resnet", image_size=64, workers=0, **PLAIN_GRID)
     with pytest.raises(ProtoquantError, match="fingerprint"):
         train(other_cache, parts["codebook"], tmp_path / "run", FAST)
 
@@ -331,7 +334,7 @@ def test_open_training_data_uses_views_only_for_training(parts) -> None:
     assert len(data.val_rows) == 20 and len(data.train_rows) == 76
 
 
-def test_default_head_is_grounded_and_the_chosen_point_obeys_the_tolerance(parts, tmp_path) -> None:
+def test_default_head_is_sparse_and_the_chosen_point_obeys_the_tolerance(parts, tmp_path) -> None:
     result = train(parts["cache"], parts["codebook"], tmp_path / "run", replace(FAST, epochs=4, path_points=12))
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
@@ -347,9 +350,27 @@ def test_default_head_is_grounded_and_the_chosen_point_obeys_the_tolerance(parts
     per_class = (head.effective_weight() > 0.1).sum(dim=1).float()
     assert float(per_class.mean()) == pytest.approx(chosen["local_size"])
     assert metrics["val_top1"]["head"] == pytest.approx(chosen["val_top1"], abs=1e-6)
+    assert not grounding["pushed"] and grounding["mean_max_cosine_in_use"] < 1 - 1e-3  # trained codes, not patches
+    assert (tmp_path / "run" / "sparsity.svg").read_text().startswith("<svg")
+
+
+def test_ground_pushes_every_code_onto_a_training_patch_before_the_refit(parts, tmp_path) -> None:
+    train(parts["cache"], parts["codebook"], tmp_path / "run", replace(FAST, epochs=4, path_points=12, ground=True))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    grounding = metrics["grounding"]
     assert grounding["pushed"] and grounding["mean_max_cosine_in_use"] >= 1 - 1e-5  # every code is a real patch
     assert grounding["mean_cosine_before"] < grounding["mean_max_cosine_in_use"]  # stage B had moved them off
-    assert (tmp_path / "run" / "sparsity.svg").read_text().startswith("<svg")
+    head, _, _ = load_head(tmp_path / "run" / "head.safetensors")
+    assert not head.train_codes and len(metrics["sparsity"]["curve"]) == 12  # frozen patches, then the path
+
+
+def test_the_anchor_keeps_trained_codes_nearer_real_patches(parts, tmp_path) -> None:
+    fast = replace(FAST, epochs=6, codes_lr=0.3, sparsity="none")
+    cosines = {}
+    for anchor in (0.0, 3.0):
+        metrics = train(parts["cache"], parts["codebook"], tmp_path / f"a{anchor}", replace(fast, anchor=anchor)).metrics
+        cosines[anchor] = metrics["grounding"]["mean_max_cosine"]
+    assert cosines[3.0] > cosines[0.0] + 0.01, cosines
 
 
 def test_stage_2b_cuts_drops_unused_codes_fine_tunes_and_resumes(parts, tmp_path) -> None:
