@@ -143,6 +143,17 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, str(REPO / "cli.py"), *args]
 
 
+def _a_shard_is_marked_done(out: Path) -> bool:
+    """A written completion mark (1 byte); the writer's temporary `.partial` files come and go meanwhile."""
+    for mark in (out / "train" / "done" / "c").glob("*") if out.exists() else []:
+        try:
+            if not mark.name.endswith(".partial") and mark.stat().st_size:
+                return True
+        except FileNotFoundError:  # renamed between the listing and the stat
+            continue
+    return False
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     truth = make_imagefolder(tmp_path / "data", per_class={"train": 14, "test": 6})
     common = ["--backbone", "test_resnet", "--image-size", "64", "--workers", "0", "--batch-size", "2", "--shard-rows", "2"]
@@ -154,8 +165,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        marks = (out / "train" / "done" / "c").glob("*") if out.exists() else []
-        if any(mark.stat().st_size for mark in marks):  # a shard marked done (1 byte), 29 of 30 not yet
+        if _a_shard_is_marked_done(out):  # 1 shard of 30 done, the rest not yet
             os.kill(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
