@@ -47,6 +47,9 @@ class PathSettings:
     min_ratio: float = 1e-3       # weakest penalty / strongest
     l1_ratio: float = 0.9         # elastic-net mixing: 1 = lasso; the ridge share keeps weak-penalty heads finite
     iterations: int = 400         # at most this many proximal steps per point (warm-started)
+    rtol: float = 1e-4            # a point's solve stops when a step moves W by less than this share of its norm:
+                                  # the same chosen heads and curve as 1e-6 up to the dense end, 2.5-3.6x faster
+                                  # (measured on make-birds and Fashion-MNIST presence, README "Stage 3")
     tolerance: float = 0.01       # chosen point: within this of the best validation top-1
     relax: bool = False           # refit each point's support with the ridge share only (undo the L1 shrinkage)
 
@@ -174,7 +177,7 @@ def regularization_path(train: tuple[torch.Tensor, torch.Tensor], val: tuple[tor
         for ratio in ratios:
             penalty = strongest * ratio
             weight = fit_nonnegative(presence, labels, num_classes, penalty=penalty, l1_ratio=settings.l1_ratio,
-                                     start=weight, iterations=settings.iterations)
+                                     start=weight, iterations=settings.iterations, rtol=settings.rtol)
             head = _relaxed(presence, labels, num_classes, weight, penalty, settings) if settings.relax else weight
             points.append(PathPoint(penalty=penalty, weight=head, val_top1=_top1(head, *val),
                                     train_top1=_top1(head, presence, labels)))
