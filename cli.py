@@ -284,6 +284,12 @@ def _sparsity_method(value: str) -> str:
     return value
 
 
+def _sparsity_rule(value: str) -> str:
+    if value not in ("deviance", "accuracy"):
+        raise typer.BadParameter(f"got {value!r}; choose deviance or accuracy")
+    return value
+
+
 @app.command(rich_help_panel="Stages")
 def train(
     cache: CacheArg,
@@ -308,7 +314,8 @@ def train(
     anchor: Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")] = 1.0,
     ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 3 to 15 points of top-1 (README).")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the sparsest head within --sparsity-tolerance of the best validation top-1; topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
-    sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
+    sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
+    sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
     sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of W-only fine-tuning after a topk cut, or after the push with --sparsity none.")] = 20,
     sweep_sparsity: Annotated[bool, typer.Option("--sweep-sparsity", help="Also print the whole accuracy-vs-size curve of the path (always recorded in RUN/metrics.json and plotted in RUN/sparsity.svg).")] = False,
@@ -340,7 +347,7 @@ def train(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dict_weight=dict_weight, tau=tau,
         train_codes=train_codes, l1=l1, anchor=anchor, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
         use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
-        sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
+        sparsity_rule=sparsity_rule, sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
     )
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)
@@ -458,11 +465,13 @@ def _print_sparsity_curve(sparsity: dict, run: Path) -> None:
         console.print(f"note: --sweep-sparsity: this run used --sparsity {sparsity.get('method')}, which has no path "
                       "to print (use --sparsity path)", highlight=False, soft_wrap=True)
         return
-    out_console.print("penalty     val top-1  weights>0.1/class  max/class  codes", highlight=False)
+    out_console.print("penalty     val top-1  val loss (se)    weights>0.1/class  max/class  codes", highlight=False,
+                      soft_wrap=True)
     for i, p in enumerate(curve):
         mark = "  <- chosen" if i == sparsity.get("chosen_index") else ""
-        out_console.print(f"{p['penalty']:<11.4g} {p['val_top1']:<10.3f} {p['local_size']:<18.1f} "
-                          f"{p['max_class_size']:<10d} {p['codes_in_use']}{mark}", highlight=False)
+        loss = f"{p.get('val_loss', float('nan')):.3f} ({p.get('val_loss_se', float('nan')):.3f})"
+        out_console.print(f"{p['penalty']:<11.4g} {p['val_top1']:<10.3f} {loss:<16} {p['local_size']:<18.1f} "
+                          f"{p['max_class_size']:<10d} {p['codes_in_use']}{mark}", highlight=False, soft_wrap=True)
     out_console.print(f"rule: {sparsity['rule']}; plot: {run / 'sparsity.svg'}", highlight=False, soft_wrap=True)
 
 

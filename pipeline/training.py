@@ -68,7 +68,8 @@ class TrainSettings:
     ground: bool = False              # push: every code becomes its nearest training patch (grounding 1.0);
                                       # off by default: measured, it costs 3-15 points of top-1 (README)
     sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
-    sparsity_tolerance: float = 0.01  # path: the sparsest head within this of the best validation top-1
+    sparsity_rule: str = "deviance"   # path: how the point is chosen (pipeline/sparsity.py RULES)
+    sparsity_tolerance: float = 0.01  # path, rule accuracy: the sparsest head within this of the best val top-1
     sparsity_k: int = 5               # topk: weights kept per class
     finetune_epochs: int = 20         # W only, after a topk cut or a push without the path refit
     path_points: int = 40
@@ -97,6 +98,8 @@ def check_train_settings(s: TrainSettings) -> None:
         raise ProtoquantError(f"--label-smoothing must be in [0, 1), got {s.label_smoothing}")
     if s.sparsity not in SPARSITY_METHODS:
         raise ProtoquantError(f"--sparsity {s.sparsity!r} is not a method: choose one of {', '.join(SPARSITY_METHODS)}")
+    if s.sparsity_rule not in ("deviance", "accuracy"):
+        raise ProtoquantError(f"--sparsity-rule {s.sparsity_rule!r} is not a rule: choose deviance or accuracy")
     if not (0 <= s.sparsity_tolerance < 1):
         raise ProtoquantError(f"--sparsity-tolerance must be in [0, 1), got {s.sparsity_tolerance}")
     if s.sparsity_k < 1 or s.finetune_epochs < 0 or s.path_points < 1 or not (0 < s.path_l1_ratio <= 1):
@@ -425,7 +428,8 @@ def after_stage_b(head: nn.Module, settings: TrainSettings, train_rows: Callable
         freeze_codes(head)
     if s.sparsity == "path":
         started = time.perf_counter()
-        path = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, tolerance=s.sparsity_tolerance,
+        path = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, rule=s.sparsity_rule,
+                            tolerance=s.sparsity_tolerance,
                             relax=s.path_relax)
         sparsity |= refit_head(head, train_rows(), val_rows(), path, device=device)
         sparsity["seconds"] = round(time.perf_counter() - started, 3)

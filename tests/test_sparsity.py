@@ -14,7 +14,7 @@ import torch
 
 from pipeline.grounding import nearest_patches, push_codes
 from pipeline.model import ProtoQuantHead
-from pipeline.sparsity import (PathPoint, PathSettings, choose_point, fit_nonnegative, penalty_max,
+from pipeline.sparsity import (PathPoint, PathSettings, choose_point, choose_point_by_deviance, fit_nonnegative, penalty_max,
                                regularization_path)
 from pipeline.training import code_grounding
 
@@ -69,6 +69,19 @@ def test_the_chosen_point_is_the_sparsest_within_the_tolerance() -> None:
     # one standard error on 100 validation images at 0.90 is 0.03: size 5 (0.89) qualifies, size 3 (0.86) not
     assert choose_point(points, 0.0, n_val=100) == 2
     assert choose_point(points, 0.0, n_val=25) == 1  # 0.06 on 25 images: size 3 at 0.86 qualifies
+
+
+def test_the_deviance_rule_takes_the_sparsest_point_within_one_standard_error_of_the_lowest_loss() -> None:
+    def point(size: int, loss: float, se: float) -> PathPoint:
+        weight = torch.zeros(2, 10)
+        weight[:, :size] = 1.0  # `size` weights > 0.1 in each class
+        return PathPoint(penalty=1.0, weight=weight, val_top1=0.5, train_top1=0.5, val_loss=loss, val_loss_se=se)
+
+    points = [point(1, 1.20, 0.05), point(3, 0.64, 0.05), point(5, 0.58, 0.05), point(8, 0.55, 0.04), point(9, 0.56, 0.1)]
+    assert choose_point_by_deviance(points) == 2  # lowest 0.55 (se 0.04): 0.58 <= 0.59 qualifies, 0.64 does not
+    points[3] = point(8, 0.55, 0.1)
+    assert choose_point_by_deviance(points) == 1  # a noisier minimum: 0.64 <= 0.65 qualifies too
+    assert choose_point_by_deviance([point(2, math.nan, math.nan), point(9, math.nan, math.nan)]) == 1  # no val: no cut
 
 
 def test_push_makes_every_code_a_training_patch() -> None:

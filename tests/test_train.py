@@ -334,16 +334,26 @@ def test_open_training_data_uses_views_only_for_training(parts) -> None:
     assert len(data.val_rows) == 20 and len(data.train_rows) == 76
 
 
-def test_default_head_is_sparse_and_the_chosen_point_obeys_the_tolerance(parts, tmp_path) -> None:
-    result = train(parts["cache"], parts["codebook"], tmp_path / "run", replace(FAST, epochs=4, path_points=12))
+@pytest.mark.parametrize("rule", ["deviance", "accuracy"])
+def test_default_head_is_sparse_and_the_chosen_point_obeys_its_rule(parts, tmp_path, rule) -> None:
+    settings = replace(FAST, epochs=4, path_points=12)
+    if rule != TrainSettings().sparsity_rule:
+        settings = replace(settings, sparsity_rule=rule)
+    result = train(parts["cache"], parts["codebook"], tmp_path / "run", settings)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(result.metrics))
     sparsity, grounding = metrics["sparsity"], metrics["grounding"]
-    curve, chosen, tolerance = sparsity["curve"], sparsity["chosen"], sparsity["margin"]
+    curve, chosen, margin = sparsity["curve"], sparsity["chosen"], sparsity["margin"]
+    assert sparsity["rule_name"] == rule
     assert len(curve) == 12 and curve[0]["nonzero_weights"] == 0  # the whole path, from the empty head
-    best = max(p["val_top1"] for p in curve)
-    assert tolerance == pytest.approx(max(sparsity["tolerance"], math.sqrt(best * (1 - best) / sparsity["n_val"])))
-    eligible = [p for p in curve if p["val_top1"] >= best - tolerance - 1e-12]
+    if rule == "deviance":  # within one standard error of the lowest validation cross-entropy
+        lowest = min(curve, key=lambda p: p["val_loss"])
+        assert margin == pytest.approx(lowest["val_loss_se"]) and margin > 0
+        eligible = [p for p in curve if p["val_loss"] <= lowest["val_loss"] + margin + 1e-12]
+    else:  # within max(tolerance, one standard error) of the best validation top-1
+        best = max(p["val_top1"] for p in curve)
+        assert margin == pytest.approx(max(sparsity["tolerance"], math.sqrt(best * (1 - best) / sparsity["n_val"])))
+        eligible = [p for p in curve if p["val_top1"] >= best - margin - 1e-12]
     assert chosen == curve[sparsity["chosen_index"]] and chosen in eligible
     assert chosen["local_size"] == min(p["local_size"] for p in eligible)
     head, _, _ = load_head(tmp_path / "run" / "head.safetensors")
