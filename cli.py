@@ -270,7 +270,9 @@ def recorded_train_options(path: Path) -> dict:
     if config.get("command") != "train" or not isinstance(settings, dict):
         raise ProtoquantError(f"--config {path}: not the config.json of a `protoquant train` run (it records no "
                               "train settings); pass RUN/config.json of a trained run")
-    options = {_SETTING_TO_OPTION.get(name, name): value for name, value in settings.items()}
+    from pipeline.training import with_legacy_settings
+
+    options = {_SETTING_TO_OPTION.get(name, name): value for name, value in with_legacy_settings(settings).items()}
     options["cache"] = (config.get("cache") or {}).get("path")
     options["codebook"] = (config.get("codebook") or {}).get("path")
     return {name: value for name, value in options.items() if value is not None}
@@ -313,7 +315,7 @@ def train(
     l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 2e-3,
     anchor: Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")] = 1.0,
     ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 3 to 15 points of top-1 (README).")] = False,
-    sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the sparsest head within --sparsity-tolerance of the best validation top-1; topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
+    sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
     sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,

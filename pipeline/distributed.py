@@ -58,6 +58,14 @@ class Distributed:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
         return out.to(values.device, values.dtype)
 
+    def total(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum of a float tensor over ranks."""
+        if self.world == 1:
+            return values
+        out = values.detach().to(self.device, torch.float32).clone()
+        torch.distributed.all_reduce(out)
+        return out.to(values.device, values.dtype)
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()

@@ -182,20 +182,23 @@ class ProtoQuantHead(nn.Module):
         """sum of relu(W) (METHOD.md stage B: optional L1, off by default)."""
         return F.relu(self.weight).sum()
 
-    def anchor_penalty(self, similarity: torch.Tensor, *, reduce_max=None, world: int = 1) -> torch.Tensor:
+    def anchor_penalty(self, similarity: torch.Tensor, *, ranks=None) -> torch.Tensor:
         """Mean over the existing codes of 1 - the highest cosine between the code and any patch of the batch.
 
         Stage B's pull of each code toward the real patch it most resembles (a dictionary term, like stage
         A's): trained codes otherwise drift between patches and their nearest training patch stops showing
         what they detect. similarity is S (B, K, H, W) of this batch; the gradient reaches only the codes.
-        Under DDP (world > 1, reduce_max = the element-wise max over ranks) each rank holds a share of the
-        batch: the value is the whole batch's, and the rank holding a code's best patch pulls it world-fold,
-        so that averaging the gradients over ranks gives one process's gradient.
+        Under DDP (ranks: pipeline.distributed.Distributed with world > 1) each rank holds a share of the
+        batch: the value is the whole batch's, and the ranks holding a code's best patch pull it world / their
+        count -fold, so that averaging the gradients over ranks gives one process's gradient (which, at a tie,
+        max spreads over the tied patches).
         """
         nearest = similarity.amax(dim=(0, 2, 3))[self.code_mask]  # the best-matching patch of the batch, per code
-        if world > 1:
-            best = reduce_max(nearest.detach())
-            nearest = torch.where(nearest.detach() >= best, world * nearest - (world - 1) * best, best)
+        if ranks is not None and ranks.world > 1:
+            best = ranks.max(nearest.detach())
+            holds = (nearest.detach() >= best).to(nearest.dtype)
+            fold = ranks.world / ranks.total(holds).clamp_min(1.0)
+            nearest = torch.where(holds.bool(), fold * nearest - (fold - 1) * best, best)
         return (1.0 - nearest).mean()
 
     @torch.no_grad()

@@ -79,6 +79,15 @@ class TrainSettings:
 
 SPARSITY_METHODS = ("path", "topk", "none")
 
+# What a run recorded before a setting existed did instead: a replay, a resume or a prune of an older run
+# keeps its method rather than silently taking today's default.
+LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False}
+
+
+def with_legacy_settings(recorded: dict) -> dict:
+    """A run's recorded settings, with what it did for the settings it predates (LEGACY_SETTINGS)."""
+    return {**LEGACY_SETTINGS, **recorded}
+
 
 def check_train_settings(s: TrainSettings) -> None:
     """One line per bad value, before any work (the CLI validates too; this guards library callers)."""
@@ -175,7 +184,8 @@ def classification_loss(model: Callable[[torch.Tensor], torch.Tensor], num_class
 
 
 def stage_b_loss(head: nn.Module, settings: TrainSettings, dist: Distributed = Distributed()) -> LossFn:
-    """classification_loss of a ProtoQuantHead plus its L1 penalty and, when its codes train, the anchor term."""
+    """classification_loss of a ProtoQuantHead plus its L1 penalty and, when its codes train, the anchor term
+    (with --mixup the anchor sees the mixed grid the head sees, so it pulls toward mixed patches: a known limit)."""
     s = settings
     anchored = s.anchor > 0 and s.train_codes and isinstance(head.codes, nn.Parameter)
     penalty = (lambda: s.l1 * head.l1_penalty()) if s.l1 > 0 else None
@@ -189,7 +199,7 @@ def stage_b_loss(head: nn.Module, settings: TrainSettings, dist: Distributed = D
         return head.logits_from_presence(head.activation_from_similarity(similarity[0]).amax(dim=(2, 3)))
 
     def anchor() -> torch.Tensor:
-        value = s.anchor * head.anchor_penalty(similarity[0], reduce_max=dist.max, world=dist.world)
+        value = s.anchor * head.anchor_penalty(similarity[0], ranks=dist)
         return value + penalty() if penalty is not None else value
 
     return classification_loss(logits, head.weight.shape[0], label_smoothing=s.label_smoothing,

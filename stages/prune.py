@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from pipeline.io import write_json, write_log
 from pipeline.progress import EpochDisplay
 from pipeline.run import (Run, check_run_matches_cache, check_run_out, finish_run_dir, open_run, open_run_and_cache,
                           prepare_run_dir, run_config)
-from pipeline.training import TrainSettings, accuracy, head_phase, run_phase
+from pipeline.training import TrainSettings, accuracy, head_phase, run_phase, with_legacy_settings
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,10 @@ def parse_codes(text: str | None) -> tuple[int, ...]:
 
 
 def _train_settings(run) -> TrainSettings:
-    """The run's training settings (keys this version does not know are ignored, with the defaults for new ones)."""
+    """The run's training settings (keys this version does not know are ignored; settings the run predates take
+    what it did without them, pipeline.training.LEGACY_SETTINGS)."""
     known = TrainSettings.__dataclass_fields__
-    return TrainSettings(**{k: v for k, v in run.config["settings"].items() if k in known})
+    return TrainSettings(**{k: v for k, v in with_legacy_settings(run.config["settings"]).items() if k in known})
 
 
 def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cache: str | Path | None = None,
@@ -130,7 +131,9 @@ def prune(run_path: str | Path, out: str | Path, settings: PruneSettings, *, cac
     unused = drop_unused_codes(head) if settings.drop_unused else []
     history = []
     if settings.finetune_epochs > 0:
-        phase = head_phase("finetune", head, train_settings, settings.finetune_epochs, training.val, where, Distributed(device=where))
+        # W only, as train's fine-tuning after a cut: the codes the explanations show stay where they are
+        phase = head_phase("finetune", head, replace(train_settings, train_codes=False), settings.finetune_epochs,
+                           training.val, where, Distributed(device=where))
         with EpochDisplay(progress) as display:
             display.start("finetune", settings.finetune_epochs)
             history = run_phase(phase, training.train, device=where, seed=train_settings.seed,

@@ -425,7 +425,8 @@ def _write_run(run_path: Path, trainer: _SweepTrainer, spec: HeadSpec, head: Pro
     in_use = codes_in_use(head).cpu()
     metrics = {
         "val_top1": {"probe": _score(states["probe"]), "quantized_probe": _score(states["codebook"]),
-                     "head": _score(states["head"])},
+                     "stage_b": _score(states["head"]),  # the written head: after the refit, its chosen point
+                     "head": (sparsity.get("chosen") or {}).get("val_top1", _score(states["head"]))},
         "grounding": {"mean_max_cosine": float(grounding.mean()),
                       "mean_max_cosine_in_use": float(grounding[in_use].mean()) if in_use.any() else float("nan"),
                       **push},

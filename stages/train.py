@@ -10,7 +10,8 @@ Three phases, each selecting its best epoch on a validation split carved from tr
                anchor term; optional L1 on relu(W)
     ground     (no epochs, off by default) every code becomes its nearest training patch (ProtoPNet's push)
     sparsity   path: W refit on the cached presence by a non-negative elastic-net path, the sparsest
-               point within sparsity_tolerance of the best validation top-1 kept (pipeline/sparsity.py);
+               point within one standard error of the lowest validation cross-entropy kept (sparsity_rule
+               deviance; accuracy: within sparsity_tolerance of the best val top-1; pipeline/sparsity.py);
                topk: the paper's stage 2b (per-class top-k, unused codes removed, then the phase below)
     finetune   W only, after a topk cut, or after a push when sparsity is none
 
@@ -49,7 +50,7 @@ from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b,
                                check_train_settings, classification_loss, code_grounding, head_phase,
-                               needs_finetune, optimizer_to_artifact,
+                               needs_finetune, optimizer_to_artifact, with_legacy_settings,
                                phase_state_from_artifact, run_phase, state_to_tensors)
 
 __all__ = ["TrainSettings", "TrainResult", "train"]
@@ -315,7 +316,10 @@ def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
     if not path.is_file():
         return {}
     tensors, fields = read_artifact(path, kind="checkpoint")
-    theirs, ours = fields.get("resume_key", {}), _resume_key(config)
+    theirs, ours = dict(fields.get("resume_key", {})), _resume_key(config)
+    if "settings" in theirs:  # a checkpoint older than some settings ran without them
+        theirs["settings"] = {k: v for k, v in with_legacy_settings(theirs["settings"]).items()
+                              if k not in RESUMABLE_CHANGES}
     if theirs != ours:
         diff = sorted(k for k in set(theirs.get("settings", {})) | set(ours["settings"])
                       if theirs.get("settings", {}).get(k) != ours["settings"].get(k))

@@ -157,6 +157,18 @@ def test_train_config_replays_a_run_and_explicit_options_win(cli_run, tmp_path) 
     assert second["codebook"]["path"] == first["codebook"]["path"]
 
 
+def test_a_run_older_than_a_setting_replays_with_what_it_did_without_it(cli_run, tmp_path) -> None:
+    from cli import recorded_train_options
+
+    old = read_json(cli_run["run"] / "config.json", "config")
+    for newer in ("anchor", "sparsity_rule"):  # settings this session added: an older run recorded neither
+        del old["settings"][newer]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    options = recorded_train_options(tmp_path / "old.json")
+    assert options["anchor"] == 0.0 and options["sparsity_rule"] == "accuracy"  # not today's defaults 1.0, deviance
+    assert options["head_lr"] == 0.05  # what it did record is kept
+
+
 def test_train_config_refuses_what_is_not_a_train_config(tmp_path) -> None:
     (tmp_path / "other.json").write_text(json.dumps({"command": "prune"}))
     result = invoke("train", "--config", tmp_path / "other.json", "--out", tmp_path / "r")

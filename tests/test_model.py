@@ -152,6 +152,37 @@ def test_anchor_penalty_is_one_minus_each_codes_best_cosine_in_the_batch() -> No
     assert head.weight.grad is None  # only the codes feel it
 
 
+class _Ranks:
+    """Two DDP ranks seen from one of them: `other_best` is the other rank's best cosine per code."""
+
+    def __init__(self, own_best: torch.Tensor, other_best: torch.Tensor):
+        self.world, self.own_best, self.other_best = 2, own_best, other_best
+
+    def max(self, values):
+        return torch.maximum(values, self.other_best)
+
+    def total(self, holds):  # this rank's holds + whether the other rank holds the global best too
+        return holds + (self.other_best >= torch.maximum(self.own_best, self.other_best)).float()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_anchor_under_ddp_gives_one_process_gradient_after_averaging(tie) -> None:
+    f = torch.tensor([[[[1.0, 0, 0], [0, 1.0, 0]]]])
+    codes = torch.tensor([[1.0, 0.2, 0], [0.3, 1.0, 0.5]])
+    single = ProtoQuantHead(codes, num_classes=2, train_codes=True)
+    single.anchor_penalty(single.similarity(f)).backward()
+    mine = ProtoQuantHead(codes, num_classes=2, train_codes=True)
+    own_best = mine.similarity(f).amax(dim=(0, 2, 3)).detach()
+    other = own_best.clone() if tie else own_best - 0.5  # the other rank: the same best patch, or worse ones
+    value = mine.anchor_penalty(mine.similarity(f), ranks=_Ranks(own_best, other))
+    assert float(value.detach()) == pytest.approx(float(single.anchor_penalty(single.similarity(f)).detach()))
+    value.backward()
+    # averaged over the 2 ranks: at a tie both pull (half each, the other rank's half equals ours),
+    # otherwise only this rank pulls, 2-fold; either way one process's gradient
+    averaged = mine.codes.grad if tie else mine.codes.grad / 2
+    torch.testing.assert_close(averaged, single.codes.grad)
+
+
 def test_peak_locations_are_the_spatial_argmax() -> None:
     a = torch.zeros(1, 2, 3, 4)  # (B, K, H, W)
     a[0, 0, 2, 1] = 1.0

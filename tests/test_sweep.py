@@ -78,6 +78,8 @@ def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path) -> N
     for key in ("val_top1", "local_size", "penalty"):
         assert [p[key] for p in curves[0]] == pytest.approx([p[key] for p in curves[1]], abs=1e-6)
     assert (swept / "sparsity.svg").read_text().startswith("<svg")
+    trained = read_json(tmp_path / "run" / "metrics.json", "")["val_top1"]
+    assert read_json(swept / "metrics.json", "")["val_top1"]["head"] == pytest.approx(trained["head"], abs=1e-6)
 
 
 def test_streamed_sweep_equals_train_for_its_first_seed(store, tmp_path) -> None:
