@@ -154,6 +154,20 @@ DeviceOpt = Annotated[str, typer.Option("--device", callback=check_device, help=
 WeightsOpt = Annotated[Optional[Path], typer.Option("--weights", help="The backbone's local weights (.safetensors or .pth), when the cache was extracted with --weights.")]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help="The dataset the cache was extracted from, for the pixels (default: the path recorded in the cache).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output that protoquant wrote (anything else there is refused, never deleted).")]
+
+# Options train and sweep share (one declaration, one help text; the defaults stay in each signature)
+EpochsOpt = Annotated[int, typer.Option("--epochs", min=0, help="Epochs of the interpretable head (stage B).")]
+ProbeEpochsOpt = Annotated[int, typer.Option("--probe-epochs", min=0, help="Epochs of the linear probe (the frozen reference classifier).")]
+CodebookEpochsOpt = Annotated[int, typer.Option("--codebook-epochs", min=0, help="Epochs of codebook learning through the probe (stage A; 0 keeps the k-means codes).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")]
+ProbeLrOpt = Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")]
+CodebookLrOpt = Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A (the paper's 5e-4).")]
+HeadLrOpt = Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W (stage B).")]
+CodesLrOpt = Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")]
+AnchorOpt = Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")]
+WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
+LabelSmoothingOpt = Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")]
+TrainCodesOpt = Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (see grounding in metrics.json).")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name, e.g. convnext_tiny, resnet50, vit_small_patch16_224, tf_efficientnet_lite0.")]
 
 
@@ -298,23 +312,23 @@ def train(
     codebook: Annotated[Path, typer.Option("--codebook", "-c", help="Initial codebook made by [bold]protoquant codebook[/] from this cache.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write (written beside it, renamed when done).")],
     config: Annotated[Optional[Path], typer.Option("--config", is_eager=True, callback=replay_config, help="Replay a run: RUN/config.json (or RUN) supplies CACHE, --codebook and every training option as defaults; options given here override them. --out is always yours to give.")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=0, help="Epochs of the interpretable head (stage B).")] = 40,
-    probe_epochs: Annotated[int, typer.Option("--probe-epochs", min=0, help="Epochs of the linear probe (the frozen reference classifier).")] = 30,
-    codebook_epochs: Annotated[int, typer.Option("--codebook-epochs", min=0, help="Epochs of codebook learning through the probe (stage A; 0 keeps the k-means codes).")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 64,
-    probe_lr: Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")] = 1e-3,
-    codebook_lr: Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A (the paper's 5e-4).")] = 5e-4,
-    head_lr: Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W (stage B).")] = 5e-3,
-    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")] = 0.1,
-    weight_decay: Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")] = 1e-4,
+    epochs: EpochsOpt = 40,
+    probe_epochs: ProbeEpochsOpt = 30,
+    codebook_epochs: CodebookEpochsOpt = 10,
+    batch_size: BatchSizeOpt = 64,
+    probe_lr: ProbeLrOpt = 1e-3,
+    codebook_lr: CodebookLrOpt = 5e-4,
+    head_lr: HeadLrOpt = 5e-3,
+    codes_lr: CodesLrOpt = 0.1,
+    weight_decay: WeightDecayOpt = 1e-4,
     warmup_epochs: Annotated[float, float_option("--warmup-epochs", help="Linear warm-up before the cosine decay, in epochs (every phase; >= 0).")] = 1.0,
-    label_smoothing: Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")] = 0.1,
+    label_smoothing: LabelSmoothingOpt = 0.1,
     dict_weight: Annotated[float, float_option("--dict-weight", help="Weight of the dictionary MSE that pulls codes onto the patches they replace (stage A; >= 0).")] = 1.0,
     tau: Annotated[float, float_option("--tau", low_open=True, hint=" (e.g. 0.1; smaller is closer to hard assignment)", help="Temperature of the softmax over codes (stage B; > 0).")] = 0.1,
-    train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (stay on real patches; see grounding in metrics.json).")] = True,
+    train_codes: TrainCodesOpt = True,
     l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 2e-3,
-    anchor: Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")] = 1.0,
-    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 3 to 15 points of top-1 (README).")] = False,
+    anchor: AnchorOpt = 1.0,
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 2 to 17 points of top-1 (README).")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
@@ -333,7 +347,9 @@ def train(
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train a ProtoQuant head from the feature cache alone: probe, codebook (stage A), interpretable head (stage B).
+    """Train a ProtoQuant head from the feature cache alone: probe, codebook (stage A), interpretable head (stage B), then the sparse refit of W.
+
+    Stage B trains the codes with an anchor that keeps them near real patches (--anchor); W is then refit along a non-negative elastic-net path and the sparsest head within one standard error of the lowest validation cross-entropy is kept (--sparsity, --sparsity-rule; the curve is RUN/sparsity.svg, --sweep-sparsity prints it). --ground first makes every code exactly a training patch, at a cost in accuracy.
 
     Reads CACHE (train split; a seeded validation share picks each phase's best epoch) and CODEBOOK. Writes RUN: head.safetensors (codes, W, tau, class names), probe.safetensors, config.json (every option, the cache fingerprint, versions), metrics.json and log.jsonl (one line per epoch). Interrupted? Add --resume. Under [bold]torchrun[/] each process trains on its own share of every epoch (DDP).
 
@@ -401,18 +417,18 @@ def sweep(
     seeds: Annotated[str, typer.Option("--seeds", callback=_number_list(int), help="Comma-separated seeds, e.g. 0,1,2 (each seed: its own validation split, probe and initialisation).")] = "0",
     l1: Annotated[str, typer.Option("--l1", callback=_number_list(float, number_rule()), help="Comma-separated L1 penalties on relu(W), e.g. 0,0.002 (train's default: 0.002).")] = "0.002",
     tau: Annotated[str, typer.Option("--tau", callback=_number_list(float, number_rule(low_open=True)), help="Comma-separated temperatures of the softmax over codes, e.g. 0.05,0.1.")] = "0.1",
-    epochs: Annotated[int, typer.Option("--epochs", min=0, help="Epochs of the interpretable head (stage B).")] = 40,
-    probe_epochs: Annotated[int, typer.Option("--probe-epochs", min=0, help="Epochs of the linear probe.")] = 30,
-    codebook_epochs: Annotated[int, typer.Option("--codebook-epochs", min=0, help="Epochs of codebook learning (stage A; 0 keeps the k-means codes).")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per step.")] = 64,
-    probe_lr: Annotated[float, learning_rate("--probe-lr", "AdamW learning rate of the probe.")] = 1e-3,
-    codebook_lr: Annotated[float, learning_rate("--codebook-lr", "Adam learning rate of the codes in stage A.")] = 5e-4,
-    head_lr: Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W.")] = 5e-3,
-    codes_lr: Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate.")] = 0.1,
-    anchor: Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch (keeps codes near real patches; >= 0).")] = 1.0,
-    weight_decay: Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")] = 1e-4,
-    label_smoothing: Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")] = 0.1,
-    train_codes: Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too, or keeps the stage A codes.")] = True,
+    epochs: EpochsOpt = 40,
+    probe_epochs: ProbeEpochsOpt = 30,
+    codebook_epochs: CodebookEpochsOpt = 10,
+    batch_size: BatchSizeOpt = 64,
+    probe_lr: ProbeLrOpt = 1e-3,
+    codebook_lr: CodebookLrOpt = 5e-4,
+    head_lr: HeadLrOpt = 5e-3,
+    codes_lr: CodesLrOpt = 0.1,
+    anchor: AnchorOpt = 1.0,
+    weight_decay: WeightDecayOpt = 1e-4,
+    label_smoothing: LabelSmoothingOpt = 0.1,
+    train_codes: TrainCodesOpt = True,
     val_fraction: Annotated[float, float_option("--val-fraction", low_open=True, high=1.0, hint=" (e.g. 0.1)", help="Share of each class's training images held out to pick the best epoch, in (0, 1).")] = 0.1,
     max_memory: Annotated[str, typer.Option("--max-memory", help="RAM budget for the training split, e.g. 2GB; above it the split is streamed, each chunk read once for all heads (0 = always stream).")] = "auto",
     views: Annotated[bool, typer.Option("--views/--no-views", help="Use the cache's augmented views when it holds some.")] = True,

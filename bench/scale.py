@@ -32,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cache_read import drop_pages  # noqa: E402  (one page-dropping helper for both benches)
 
 TITLE = "Streaming a cache larger than the RAM budget (bench/scale.py)"
 POOL_ROWS = 512
@@ -61,15 +64,6 @@ def build(path: Path, n: int, grid: int, dim: int, classes: int, rows_per_shard:
 
 def store_files(path: Path) -> list[Path]:
     return sorted(p for p in (path / "train" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
-
-
-def drop_pages(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def raw_read(paths: list[Path]) -> tuple[float, int]:

@@ -232,13 +232,21 @@ def receptive_boxes(preprocessing: Preprocessing, rows: np.ndarray, cells: np.nd
     rows (...) cache rows (-1 = empty), cells (..., 2) (h, w); image_size (N, 2) and boxes (N, 4) are
     the split's per-row original sizes and CUB boxes (boxes matter only for crop_to_box caches).
     """
+    return slot_boxes(preprocessing, rows, image_size, boxes,
+                      lambda geometry, index: geometry.cell_box(cells[index][0], cells[index][1]))
+
+
+def slot_boxes(preprocessing: Preprocessing, rows: np.ndarray, image_size: np.ndarray, boxes: np.ndarray | None,
+               box_of: Callable) -> np.ndarray:
+    """box_of(image geometry, slot index) -> (x, y, w, h) for every filled slot of rows (-1 = empty), each
+    row's geometry made once; (..., 4), NaN in empty slots. The one loop behind every box in original pixels."""
     out = np.full((*rows.shape, 4), np.nan)
     geometries = {}
     for index in zip(*np.nonzero(rows >= 0)):
         row = int(rows[index])
         if row not in geometries:
             geometries[row] = preprocessing.image(tuple(image_size[row]), None if boxes is None else tuple(boxes[row]))
-        out[index] = geometries[row].cell_box(cells[index][0], cells[index][1])
+        out[index] = box_of(geometries[row], index)
     return out
 
 

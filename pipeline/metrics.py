@@ -33,7 +33,7 @@ from pipeline.cache import Cache
 from pipeline.data import evaluation_source, usable_rows
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import PIXEL_CENTRE, Preprocessing, box_contains
-from pipeline.grounding import MAP_BUDGET, receptive_boxes, top_images
+from pipeline.grounding import MAP_BUDGET, receptive_boxes, slot_boxes, top_images
 from pipeline.images import crop_box
 from pipeline.inference import ImageModel, Outputs
 from pipeline.model import (
@@ -122,20 +122,16 @@ def pipnet_patch_boxes(preprocessing: Preprocessing, rows: np.ndarray, cells: np
     grid_h, grid_w = preprocessing.grid
     v0, v1 = pipnet_patch_span(cells[..., 0], grid_h, size_h)
     u0, u1 = pipnet_patch_span(cells[..., 1], grid_w, size_w)
-    out = np.full((*rows.shape, 4), np.nan)
-    geometries = {}
-    for index in zip(*np.nonzero(rows >= 0)):
-        row = int(rows[index])
-        if row not in geometries:
-            geometries[row] = preprocessing.image(tuple(image_size[row]), None if boxes is None else tuple(boxes[row]))
-        geometry = geometries[row]
+
+    def patch(geometry, index) -> tuple:
         x0, y0 = geometry.to_original(u0[index], v0[index])
         x1, y1 = geometry.to_original(u1[index], v1[index])
         left, top, right, bottom = geometry.region
         x0, x1 = np.clip([x0, x1], left, right)
         y0, y1 = np.clip([y0, y1], top, bottom)
-        out[index] = (x0, y0, x1 - x0, y1 - y0)
-    return out
+        return x0, y0, x1 - x0, y1 - y0
+
+    return slot_boxes(preprocessing, rows, image_size, boxes, patch)
 
 
 def merged_parts(names: list[str]) -> tuple[list[str], np.ndarray]:
