@@ -7,10 +7,11 @@ with a penalty and hoping, we solve
     min_W  mean CE(p W^T, y) + lam * (l1_ratio * sum(W) + (1 - l1_ratio) / 2 * ||W||^2)   s.t. W >= 0
 
 for a geometric series of penalties, strongest first, each solve warm-started from the previous one
-(accelerated projected proximal gradient, FISTA with restarts). The strongest penalty is the one at
+(L-BFGS-B: on W >= 0 the L1 term is linear, so each solve is smooth with bounds). The strongest penalty is the one at
 which W = 0 is optimal, so the path runs from the empty head to a dense one and gives the whole
-accuracy-vs-size curve in seconds. A point is chosen by one stated rule (`choose_point`): the sparsest
-head whose validation top-1 is within `tolerance` of the best validation top-1 on the path.
+accuracy-vs-size curve in seconds. A point is chosen by one stated rule: by default
+(`choose_point_by_deviance`) the sparsest head whose validation cross-entropy is within one standard
+error of the path's lowest.
 
 Size is the authors' `calculate_local_size` (METHOD.md "Pruning and editing"): per class, the
 number of weights relu(W) > 0.1, averaged over classes.
@@ -32,8 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import optimize
 
 from pipeline.errors import ProtoquantError
 
@@ -47,9 +50,8 @@ class PathSettings:
     points: int = 40              # penalties on the path, geometric from penalty_max down
     min_ratio: float = 1e-3       # weakest penalty / strongest
     l1_ratio: float = 0.9         # elastic-net mixing: 1 = lasso; the ridge share keeps weak-penalty heads finite
-    iterations: int = 400         # at most this many proximal steps per point (warm-started)
-    rtol: float = 1e-6            # a point's solve stops when a step moves W by less than this share of its norm;
-                                  # 1e-4 was 2.5-3.6x faster but moved the demo's chosen head (size 5.2 -> 9.8)
+    iterations: int = 400         # at most this many quasi-Newton steps per point (warm-started)
+    gtol: float = 1e-6            # a point's solve stops when the projected gradient's largest entry is below this
     rule: str = "deviance"        # how the point is chosen: "deviance" or "accuracy" (choose_point)
     tolerance: float = 0.01       # rule "accuracy": within max(this, one standard error) of the best val top-1
     relax: bool = False           # refit each point's support with the ridge share only (undo the L1 shrinkage)
@@ -131,34 +133,40 @@ def penalty_max(presence: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 def fit_nonnegative(presence: torch.Tensor, labels: torch.Tensor, num_classes: int, *, penalty: float,
                     l1_ratio: float, start: torch.Tensor | None = None, iterations: int = 400,
-                    step: float | None = None, rtol: float = 1e-6) -> torch.Tensor:
-    """One elastic-net solve with W >= 0 by FISTA (restarted when the objective's slope turns); (C, K).
+                    gtol: float = 1e-6) -> torch.Tensor:
+    """One elastic-net solve with W >= 0, warm-started from `start`; (C, K).
 
-    The proximal map of lam * l1_ratio * sum(W) + [W >= 0] is max(0, V - step * lam * l1_ratio).
-    Stops early when a step moves W by less than rtol of its norm.
+    On W >= 0 the L1 term is linear (sum(W)), so the problem is smooth with bound constraints, and a
+    quasi-Newton solver for bounds (L-BFGS-B) applies directly: measured, it reaches a lower objective than
+    400 projected FISTA steps in 2.6-6x less time on the demo's and Fashion-MNIST's presence, with the same
+    chosen points. Weights at the bound are exactly 0. Stops when the projected gradient's largest entry is
+    below gtol or after `iterations` quasi-Newton steps. The two big products run in float32, as presence
+    is stored; the (N, C) softmax and W itself in float64, as the solver needs.
     """
     with _threads_for(presence.numel() * num_classes):
-        return _fista(presence, labels, num_classes, penalty * (1.0 - l1_ratio), penalty * l1_ratio, start,
-                      iterations, step, rtol)
+        return _lbfgsb(presence.float(), labels, num_classes, penalty * (1.0 - l1_ratio), penalty * l1_ratio,
+                       start, iterations, gtol)
 
 
-def _fista(presence, labels, num_classes, ridge, shrink, start, iterations, step, rtol) -> torch.Tensor:
-    step = step_size(presence, ridge) if step is None else step
-    onehot = F.one_hot(labels, num_classes).float()
-    weight = torch.zeros(num_classes, presence.shape[1]) if start is None else start.clone()
-    momentum_point, t = weight.clone(), 1.0
-    for _ in range(iterations):
-        gradient = _gradient(momentum_point, presence, onehot, ridge)
-        new = (momentum_point - step * (gradient + shrink)).clamp_min(0.0)
-        if float(((momentum_point - new) * (new - weight)).sum()) > 0:  # restart: momentum points uphill
-            t = 1.0
-        t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
-        moved = float((new - weight).norm())
-        momentum_point = new + (t - 1) / t_next * (new - weight)
-        weight, t = new, t_next
-        if moved <= rtol * max(float(weight.norm()), 1e-12):
-            break
-    return weight
+def _lbfgsb(presence, labels, num_classes, ridge, shrink, start, iterations, gtol) -> torch.Tensor:
+    n, k = presence.shape
+    onehot = F.one_hot(labels, num_classes).double()
+
+    def objective_and_gradient(x: np.ndarray) -> tuple[float, np.ndarray]:
+        weight = torch.from_numpy(x).view(num_classes, k)
+        logits = (presence @ weight.T.float()).double()  # (N, K) @ (K, C)
+        log_norm = logits.logsumexp(dim=1)
+        loss = (log_norm - (logits * onehot).sum(dim=1)).mean() + ridge / 2 * (weight * weight).sum() + shrink * weight.sum()
+        residual = (logits - log_norm[:, None]).exp() - onehot  # softmax - onehot, (N, C)
+        gradient = (residual.float().T @ presence).double() / n + ridge * weight + shrink  # (C, N) @ (N, K)
+        return float(loss), gradient.reshape(-1).numpy()
+
+    size = num_classes * k
+    x0 = np.zeros(size) if start is None else start.double().reshape(-1).numpy().copy()
+    result = optimize.minimize(objective_and_gradient, x0, jac=True, method="L-BFGS-B",
+                               bounds=optimize.Bounds(np.zeros(size), np.full(size, np.inf)),
+                               options={"maxiter": iterations, "gtol": gtol, "ftol": 1e-12})
+    return torch.from_numpy(result.x).view(num_classes, k).float()
 
 
 def _loss(weight: torch.Tensor, presence: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -189,7 +197,7 @@ def regularization_path(train: tuple[torch.Tensor, torch.Tensor], val: tuple[tor
         for ratio in ratios:
             penalty = strongest * ratio
             weight = fit_nonnegative(presence, labels, num_classes, penalty=penalty, l1_ratio=settings.l1_ratio,
-                                     start=weight, iterations=settings.iterations, rtol=settings.rtol)
+                                     start=weight, iterations=settings.iterations, gtol=settings.gtol)
             head = _relaxed(presence, labels, num_classes, weight, penalty, settings) if settings.relax else weight
             loss, loss_se = _loss(head, *val)
             points.append(PathPoint(penalty=penalty, weight=head, val_top1=_top1(head, *val),

@@ -52,6 +52,21 @@ def test_penalty_max_is_where_the_head_becomes_empty() -> None:
     assert float(below.min()) >= 0.0  # the projection keeps W non-negative
 
 
+def test_a_solve_meets_the_optimality_conditions_of_the_nonnegative_elastic_net() -> None:
+    """KKT for min CE + lam (a sum(W) + (1 - a) / 2 ||W||^2), W >= 0: where W > 0 the gradient is 0, where W = 0
+    it is >= 0. Checked in float64 on a solve that a wrong gradient, sign or bound would break."""
+    presence, labels, _ = planted_presence(n=400)
+    penalty, l1_ratio = 0.2 * penalty_max(presence, labels, 3), 0.9
+    weight = fit_nonnegative(presence, labels, 3, penalty=penalty, l1_ratio=l1_ratio).double()
+    p64, onehot = presence.double(), torch.nn.functional.one_hot(labels, 3).double()
+    gradient = ((p64 @ weight.T).softmax(dim=1) - onehot).T @ p64 / len(labels)
+    gradient += penalty * (1 - l1_ratio) * weight + penalty * l1_ratio
+    active = weight > 0
+    assert 0 < int(active.sum()) < weight.numel()  # some weights at the bound, some not
+    assert float(gradient[active].abs().max()) < 1e-4
+    assert float(gradient[~active].min()) > -1e-4
+
+
 def _point(size: int, val: float, penalty: float = 1.0) -> PathPoint:
     weight = torch.zeros(2, 20)
     weight[:, :size] = 1.0
