@@ -293,7 +293,8 @@ def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: 
     and does not count as a hit. Also reported: the share whose box holds any annotated part
     (`on_any_part`), per defining part how many hits it is in, and `share_pipnet_patch`: the same share
     with purity's box (PIP-Net's 32-px patch at the peak cell), which does not shrink as the grid gets
-    finer (a 14 x 14 grid's cell is 16 px at 224, a 7 x 7 grid's 32 px).
+    finer (a 14 x 14 grid's cell is 16 px at 224, a 7 x 7 grid's 32 px). `chance` and `chance_pipnet_patch`:
+    what a random cell would score with either box (_chance_of_defining_part), the baseline each share beats.
     """
     data = cache.split(split)
     annotations = data.annotations() or {}
@@ -313,12 +314,35 @@ def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: 
     hit = hits.any(axis=1)
     patches = pipnet_patch_boxes(Preprocessing.from_cache(cache), rows, cells, data.image_size, annotations.get("boxes"))
     patch_hit = defining_part_hits(patches, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
+    chance = _chance_of_defining_part(cache, data, rows, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
     return {"share": float(hit.sum() / n_correct) if n_correct else None,
             "share_pipnet_patch": float(patch_hit.any(axis=1).sum() / n_correct) if n_correct else None,
+            "chance": float(chance[0] / n_correct) if n_correct else None,
+            "chance_pipnet_patch": float(chance[1] / n_correct) if n_correct else None,
             "images": n_correct,
             "hits": int(hit.sum()), "on_any_part": float(any_part.any(axis=1).sum() / n_correct) if n_correct else None,
             "split": split, "by_part": {part_names[p]: int(hits[:, p].sum()) for p in range(len(part_names))
                                         if defining_by_class[:, p].any()}}
+
+
+def _chance_of_defining_part(cache: Cache, data, rows: np.ndarray, keypoints: np.ndarray,
+                             defining: np.ndarray) -> tuple[float, float]:
+    """What a top contribution at a uniformly random cell would score: summed over the images, the share of
+    the grid's cells whose box (cell box, then the 32-px patch) holds a defining part. A share well above
+    this is the head's doing; one near it is the size of the box."""
+    if not len(rows):
+        return 0.0, 0.0
+    grid_h, grid_w = cache.grid
+    cells = np.stack(np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij"), axis=-1).reshape(-1, 2)
+    every_rows = np.repeat(rows, len(cells))  # (N * H * W,)
+    every_cells = np.tile(cells, (len(rows), 1))  # (N * H * W, 2)
+    preprocessing, boxes = Preprocessing.from_cache(cache), (data.annotations() or {}).get("boxes")
+    scores = []
+    for box_of in (receptive_boxes, pipnet_patch_boxes):
+        held = defining_part_hits(box_of(preprocessing, every_rows, every_cells, data.image_size, boxes),
+                                  np.repeat(keypoints, len(cells), axis=0), np.repeat(defining, len(cells), axis=0))
+        scores.append(float(held.any(axis=1).reshape(len(rows), len(cells)).mean(axis=1).sum()))
+    return scores[0], scores[1]
 
 
 # ---- spatial misalignment (Sacha et al.) ------------------------------------------------------------------

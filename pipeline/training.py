@@ -10,6 +10,7 @@
                                   loss stops it with a named error
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
     after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train and sweep
+    push_step, sparse_step        its two halves, for the sweep's shared presence pass
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall
@@ -421,32 +422,46 @@ def needs_finetune(settings: TrainSettings) -> bool:
 @torch.no_grad()
 def after_stage_b(head: nn.Module, settings: TrainSettings, train_rows: Callable[[], object],
                   val_rows: Callable[[], object], *, device: torch.device) -> tuple[dict, dict]:
-    """In place, after stage B: the push (settings.ground: every code becomes its nearest training patch and
-    stops training), then the sparse step (path: W refit on the cached presence; topk: the cut, then the
-    unused codes leave the softmax). train_rows / val_rows give a fresh pass of (grid, label) batches in row
-    order, the same on every rank. -> (push record, sparsity record); the fine-tuning that follows a cut
-    (needs_finetune) is the caller's phase."""
+    """In place, after stage B: push_step, then sparse_step on the head's own presence. train_rows /
+    val_rows give a fresh pass of (grid, label) batches in row order, the same on every rank.
+    -> (push record, sparsity record); the fine-tuning that follows a cut (needs_finetune) is the caller's phase."""
+    from pipeline.sparsity import presence_matrix
+
+    push = push_step(head, settings, train_rows, device=device)
+    return push, sparse_step(head, settings, lambda: (presence_matrix(head, train_rows(), device=device),
+                                                      presence_matrix(head, val_rows(), device=device)))
+
+
+def push_step(head: nn.Module, settings: TrainSettings, train_rows: Callable[[], object], *,
+              device: torch.device) -> dict:
+    """settings.ground: every code becomes its nearest training patch and stops training (ProtoPNet's push)."""
     from pipeline.grounding import push_codes
+
+    if not settings.ground:
+        return {"pushed": False}
+    push = push_codes(head, train_rows(), device=device)
+    freeze_codes(head)
+    return push
+
+
+def sparse_step(head: nn.Module, settings: TrainSettings, presence: Callable[[], tuple]) -> dict:
+    """In place, the sparse step: path (W refit on the cached presence, `presence()` -> ((N, K) train, labels),
+    ((M, K) val, labels)) or topk (the cut, then the unused codes leave the softmax); -> its record."""
     from pipeline.model import drop_unused_codes, keep_top_k_weights
-    from pipeline.sparsity import PathSettings, refit_head
+    from pipeline.sparsity import PathSettings, refit_from_presence
 
     s = settings
-    push: dict = {"pushed": False}
     sparsity: dict = {"method": s.sparsity}
-    if s.ground:
-        push = push_codes(head, train_rows(), device=device)
-        freeze_codes(head)
     if s.sparsity == "path":
         started = time.perf_counter()
         path = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, rule=s.sparsity_rule,
-                            tolerance=s.sparsity_tolerance,
-                            relax=s.path_relax)
-        sparsity |= refit_head(head, train_rows(), val_rows(), path, device=device)
+                            tolerance=s.sparsity_tolerance, relax=s.path_relax)
+        sparsity |= refit_from_presence(head, *presence(), path)
         sparsity["seconds"] = round(time.perf_counter() - started, 3)
     elif s.sparsity == "topk":
         keep_top_k_weights(head, s.sparsity_k)  # the paper's stage 2b: the cut, then the unused codes go
         drop_unused_codes(head)
-    return push, sparsity
+    return sparsity
 
 
 def freeze_codes(head: nn.Module) -> None:

@@ -41,15 +41,15 @@ from pipeline.errors import ProtoquantError
 from pipeline.io import read_artifact, read_json, write_artifact, write_json, write_log
 from pipeline.model import (ProbeHead, ProtoQuantHead, codes_in_use, local_size_per_class, quantize, save_head,
                             save_probe, stage_a_loss)
-from pipeline.multihead import (Codes, Lane, Member, grounding_together, heads_loss, run_round,
-                                stacked_logits)
+from pipeline.multihead import (Codes, Lane, Member, grounding_together, heads_loss, presence_together,
+                                run_round, stacked_logits)
 from pipeline.paths import check_output, remove_ours
 from pipeline.plots import Series, line_chart, sparsity_chart
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, after_stage_b, check_train_settings,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
-                               phase_state_from_artifact, state_to_tensors)
+                               phase_state_from_artifact, push_step, sparse_step, state_to_tensors)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -348,11 +348,28 @@ class _SweepTrainer:
             joint = heads_loss(lane_heads, l1, anchor, label_smoothing=base.label_smoothing, mixup_alpha=base.mixup)
             lanes.append(Lane(seed, data.train, data.val, members, joint))
         self._round("head", lanes)
-        for spec in self.specs:  # train's push and sparse step, head by head (seconds: the presence is small)
-            data = self.data[spec.seed]
-            self.tails[spec.name] = after_stage_b(heads[spec.name], spec.settings(base), lambda: data.scan().batches(0),
-                                                  lambda: data.scan(rows=data.val_rows).batches(0), device=self.device)
+        self._tails(heads)
         return {name: head.eval() for name, head in heads.items()}
+
+    def _tails(self, heads: dict[str, ProtoQuantHead]) -> None:
+        """train's push and sparse step for every head: the pushes head by head, then every head's presence
+        in one pass per seed and split, then the path refits one by one (on worker threads they were
+        slower: scipy's L-BFGS-B holds the GIL between torch's products)."""
+        base = self.settings
+        pushes = {spec.name: push_step(heads[spec.name], spec.settings(base),
+                                       lambda spec=spec: self.data[spec.seed].scan().batches(0), device=self.device)
+                  for spec in self.specs}
+        presence = {}
+        for seed in self.seeds:
+            data, names = self.data[seed], [spec.name for spec in self.specs
+                                            if spec.seed == seed and spec.settings(base).sparsity == "path"]
+            if names:
+                train = presence_together(data.scan(), [heads[n] for n in names], device=self.device)
+                val = presence_together(data.scan(rows=data.val_rows), [heads[n] for n in names], device=self.device)
+                presence |= {n: (t, v) for n, t, v in zip(names, train, val)}
+        self.tails = {spec.name: (pushes[spec.name], sparse_step(heads[spec.name], spec.settings(base),
+                                                                 lambda spec=spec: presence[spec.name]))
+                      for spec in self.specs}
 
     # --- checkpoint: like train's, one entry per model -------------------------------------------------------
 

@@ -239,6 +239,10 @@ def test_evidence_on_defining_parts_is_one_when_the_top_code_sits_on_the_definin
     assert result["images"] == 8 and result["hits"] == 8 and result["share"] == 1.0  # every test image correct
     assert result["on_any_part"] == 1.0 and result["by_part"] == {"square": 8}
     assert result["share_pipnet_patch"] == 1.0  # purity's patch at the same peak cell holds the square too
+    # a random cell: the square's keypoint lies in exactly one of the grid's cell boxes, which tile the image
+    height, width = squares.cache.grid
+    assert result["chance"] == pytest.approx(1 / (height * width))
+    assert result["chance"] <= result["chance_pipnet_patch"] < 0.1  # this small grid's patch is about a cell
     # the tail defines both classes but is never visible: no image's evidence is on it
     tail = evidence_on_defining_parts(head, squares.cache, [["tail"], ["tail"]], split="test")
     assert tail["share"] == 0.0 and tail["on_any_part"] == 1.0 and tail["images"] == 8
