@@ -331,6 +331,7 @@ def train(
     ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 2 to 17 points of top-1 (README).")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
+    path_l1_ratio: Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="--sparsity path: the L1 share of the path's penalty, in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.68-0.79); the 1%% ridge makes each solve's answer unique, so near-equal inputs give near-equal heads.")] = 0.99,
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
     sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of W-only fine-tuning after a topk cut, or after the push with --sparsity none.")] = 20,
@@ -366,6 +367,7 @@ def train(
         train_codes=train_codes, l1=l1, anchor=anchor, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
         use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
         sparsity_rule=sparsity_rule, sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
+        path_l1_ratio=path_l1_ratio,
     )
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)

@@ -50,7 +50,9 @@ class PathSettings:
 
     points: int = 40              # penalties on the path, geometric from penalty_max down
     min_ratio: float = 1e-3       # weakest penalty / strongest
-    l1_ratio: float = 0.9         # elastic-net mixing: 1 = lasso; the ridge share keeps weak-penalty heads finite
+    l1_ratio: float = 0.99        # elastic-net mixing: 1 = the lasso. On W >= 0 the L1 alone keeps every head finite, and
+                                  # a ridge share spreads weight over correlated codes (elastic net's grouping effect):
+                                  # measured, 0.9 gave the same top-1 at twice the size and purity 0.44-0.51 (1.0: 0.68-0.78)
     iterations: int = 400         # at most this many quasi-Newton steps per point (warm-started)
     gtol: float = 1e-6            # a point's solve stops when the projected gradient's largest entry is below this
     rule: str = "deviance"        # how the point is chosen: "deviance" or "accuracy" (choose_point)
@@ -169,7 +171,11 @@ def _lbfgsb(presence, labels, num_classes, ridge, shrink, start, iterations, gto
     result = optimize.minimize(objective_and_gradient, x0, jac=True, method="L-BFGS-B",
                                bounds=optimize.Bounds(np.zeros(size), np.full(size, np.inf)),
                                options={"maxiter": iterations, "gtol": gtol})
-    return torch.from_numpy(result.x).view(num_classes, k).float()
+    weight = torch.from_numpy(result.x).view(num_classes, k).float()
+    # A solve stopped by ftol can leave weights a hair above the bound (1e-6 where the optimum is 0): a weight
+    # below float32's resolution of the largest one adds nothing a logit can hold, and it would count as a code in use.
+    weight[weight <= torch.finfo(torch.float32).eps * weight.max()] = 0.0
+    return weight
 
 
 def _loss(weight: torch.Tensor, presence: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

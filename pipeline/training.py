@@ -74,7 +74,7 @@ class TrainSettings:
     sparsity_k: int = 5               # topk: weights kept per class
     finetune_epochs: int = 20         # W only, after a topk cut or a push without the path refit
     path_points: int = 40
-    path_l1_ratio: float = 0.9
+    path_l1_ratio: float = 0.99       # path: the L1 share of the penalty (pipeline/sparsity.py PathSettings.l1_ratio)
     path_relax: bool = False
 
 
