@@ -233,20 +233,27 @@ def receptive_boxes(preprocessing: Preprocessing, rows: np.ndarray, cells: np.nd
     the split's per-row original sizes and CUB boxes (boxes matter only for crop_to_box caches).
     """
     return slot_boxes(preprocessing, rows, image_size, boxes,
-                      lambda geometry, index: geometry.cell_box(cells[index][0], cells[index][1]))
+                      lambda geometry, index: geometry.cell_box(cells[index][..., 0], cells[index][..., 1]))
 
 
 def slot_boxes(preprocessing: Preprocessing, rows: np.ndarray, image_size: np.ndarray, boxes: np.ndarray | None,
                box_of: Callable) -> np.ndarray:
-    """box_of(image geometry, slot index) -> (x, y, w, h) for every filled slot of rows (-1 = empty), each
-    row's geometry made once; (..., 4), NaN in empty slots. The one loop behind every box in original pixels."""
+    """box_of(image geometry, slot indices) -> (n, 4) x, y, w, h for every filled slot of rows (-1 = empty), one
+    call per image over all of its slots (indices: the tuple of index arrays of those slots); (..., 4), NaN in
+    empty slots. The one loop behind every box in original pixels."""
     out = np.full((*rows.shape, 4), np.nan)
-    geometries = {}
-    for index in zip(*np.nonzero(rows >= 0)):
-        row = int(rows[index])
-        if row not in geometries:
-            geometries[row] = preprocessing.image(tuple(image_size[row]), None if boxes is None else tuple(boxes[row]))
-        out[index] = box_of(geometries[row], index)
+    filled = np.nonzero(rows >= 0)
+    if not len(filled[0]):
+        return out
+    of_slot = rows[filled].astype(np.int64)
+    order = np.argsort(of_slot, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(of_slot[order]) != 0])
+    for first, last in zip(starts, np.r_[starts[1:], len(order)]):
+        picked = order[first:last]
+        row = int(of_slot[picked[0]])
+        geometry = preprocessing.image(tuple(image_size[row]), None if boxes is None else tuple(boxes[row]))
+        index = tuple(axis[picked] for axis in filled)
+        out[index] = box_of(geometry, index)
     return out
 
 

@@ -127,9 +127,9 @@ def pipnet_patch_boxes(preprocessing: Preprocessing, rows: np.ndarray, cells: np
         x0, y0 = geometry.to_original(u0[index], v0[index])
         x1, y1 = geometry.to_original(u1[index], v1[index])
         left, top, right, bottom = geometry.region
-        x0, x1 = np.clip([x0, x1], left, right)
-        y0, y1 = np.clip([y0, y1], top, bottom)
-        return x0, y0, x1 - x0, y1 - y0
+        x0, x1 = np.clip(x0, left, right), np.clip(x1, left, right)
+        y0, y1 = np.clip(y0, top, bottom), np.clip(y1, top, bottom)
+        return np.stack([x0, y0, x1 - x0, y1 - y0], axis=-1)
 
     return slot_boxes(preprocessing, rows, image_size, boxes, patch)
 
@@ -326,22 +326,26 @@ def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: 
 
 
 def _chance_of_defining_part(cache: Cache, data, rows: np.ndarray, keypoints: np.ndarray,
-                             defining: np.ndarray) -> tuple[float, float]:
+                             defining: np.ndarray, images_per_pass: int = 256) -> tuple[float, float]:
     """What a top contribution at a uniformly random cell would score: summed over the images, the share of
     the grid's cells whose box (cell box, then the 32-px patch) holds a defining part. A share well above
-    this is the head's doing; one near it is the size of the box."""
-    if not len(rows):
-        return 0.0, 0.0
+    this is the head's doing; one near it is the size of the box. Images in passes of `images_per_pass`
+    (memory: that many x H x W x parts)."""
     grid_h, grid_w = cache.grid
     cells = np.stack(np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij"), axis=-1).reshape(-1, 2)
-    every_rows = np.repeat(rows, len(cells))  # (N * H * W,)
-    every_cells = np.tile(cells, (len(rows), 1))  # (N * H * W, 2)
     preprocessing, boxes = Preprocessing.from_cache(cache), (data.annotations() or {}).get("boxes")
-    scores = []
-    for box_of in (receptive_boxes, pipnet_patch_boxes):
-        held = defining_part_hits(box_of(preprocessing, every_rows, every_cells, data.image_size, boxes),
-                                  np.repeat(keypoints, len(cells), axis=0), np.repeat(defining, len(cells), axis=0))
-        scores.append(float(held.any(axis=1).reshape(len(rows), len(cells)).mean(axis=1).sum()))
+    scores = [0.0, 0.0]
+    for first in range(0, len(rows), images_per_pass):
+        part = slice(first, first + images_per_pass)
+        n = len(rows[part])
+        every_rows = np.repeat(rows[part], len(cells))  # (n * H * W,)
+        every_cells = np.tile(cells, (n, 1))  # (n * H * W, 2)
+        every_keypoints = np.repeat(keypoints[part], len(cells), axis=0)
+        every_defining = np.repeat(defining[part], len(cells), axis=0)
+        for i, box_of in enumerate((receptive_boxes, pipnet_patch_boxes)):
+            held = defining_part_hits(box_of(preprocessing, every_rows, every_cells, data.image_size, boxes),
+                                      every_keypoints, every_defining)
+            scores[i] += float(held.any(axis=1).reshape(n, len(cells)).mean(axis=1).sum())
     return scores[0], scores[1]
 
 

@@ -55,6 +55,7 @@ class PathSettings:
                                   # measured, 0.9 gave the same top-1 at twice the size and purity 0.44-0.51 (1.0: 0.68-0.78)
     iterations: int = 400         # at most this many quasi-Newton steps per point (warm-started)
     gtol: float = 1e-6            # a point's solve stops when the projected gradient's largest entry is below this
+                                  # (or, more often, at scipy's ftol: fit_nonnegative)
     rule: str = "deviance"        # how the point is chosen: "deviance" or "accuracy" (choose_point)
     tolerance: float = 0.01       # rule "accuracy": within max(this, one standard error) of the best val top-1
     relax: bool = False           # refit each point's support with the ridge share only (undo the L1 shrinkage)
@@ -171,7 +172,12 @@ def _lbfgsb(presence, labels, num_classes, ridge, shrink, start, iterations, gto
     result = optimize.minimize(objective_and_gradient, x0, jac=True, method="L-BFGS-B",
                                bounds=optimize.Bounds(np.zeros(size), np.full(size, np.inf)),
                                options={"maxiter": iterations, "gtol": gtol})
+    if not math.isfinite(float(result.fun)):
+        raise ProtoquantError(f"the sparse refit's solve diverged (objective {result.fun}): the presence scores hold "
+                              "values the head cannot have produced; re-train the run")
     weight = torch.from_numpy(result.x).view(num_classes, k).float()
+    if not weight.numel():
+        return weight
     # A solve stopped by ftol can leave weights a hair above the bound (1e-6 where the optimum is 0): a weight
     # below float32's resolution of the largest one adds nothing a logit can hold, and it would count as a code in use.
     weight[weight <= torch.finfo(torch.float32).eps * weight.max()] = 0.0
@@ -196,6 +202,9 @@ def regularization_path(train: tuple[torch.Tensor, torch.Tensor], val: tuple[tor
                         num_classes: int, settings: PathSettings = PathSettings()) -> list[PathPoint]:
     """Solve the path from the strongest penalty (W = 0) to min_ratio of it; each point scored on val."""
     presence, labels = train
+    if not bool(torch.isfinite(presence).all()) or not bool(torch.isfinite(val[0]).all()):
+        raise ProtoquantError("the sparse refit got presence scores that are NaN or infinite (non-finite codes or "
+                              "features): re-train the run, and check the cache with `protoquant info --verify`")
     if settings.points < 1 or not 0 < settings.min_ratio <= 1 or not 0 < settings.l1_ratio <= 1:
         raise ProtoquantError(f"sparsity path settings out of range: points {settings.points} (>= 1), min_ratio "
                               f"{settings.min_ratio} (in (0, 1]), l1_ratio {settings.l1_ratio} (in (0, 1])")

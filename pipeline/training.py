@@ -9,8 +9,8 @@
                                   validation, a resumable PhaseState after every epoch; a non-finite
                                   loss stops it with a named error
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
-    after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train and sweep
-    push_step, sparse_step        its two halves, for the sweep's shared presence pass
+    after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train's
+    push_step, sparse_step        its two halves: the sweep calls them around its shared presence pass
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall

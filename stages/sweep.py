@@ -232,7 +232,7 @@ class _SweepTrainer:
         self.seeds = sorted({s.seed for s in specs}, key=[s.seed for s in specs].index)
         self.states: dict[str, PhaseState] = {}
         self.grounding: dict[str, torch.Tensor] = {}
-        self.tails: dict[str, tuple[dict, dict]] = {}  # per head: after_stage_b's (push, sparsity) records
+        self.tails: dict[str, tuple[dict, dict]] = {}  # per head: (push_step, sparse_step) records
         self.current: list[str] = []
         self.data = self._open_data(cache.split("train"))
         self.in_ram = self.data[self.seeds[0]].train.ram is not None
@@ -352,24 +352,28 @@ class _SweepTrainer:
         return {name: head.eval() for name, head in heads.items()}
 
     def _tails(self, heads: dict[str, ProtoQuantHead]) -> None:
-        """train's push and sparse step for every head: the pushes head by head, then every head's presence
-        in one pass per seed and split, then the path refits one by one (on worker threads they were
-        slower: scipy's L-BFGS-B holds the GIL between torch's products)."""
+        """train's push and sparse step for every head: the pushes head by head, then seed by seed every
+        head's presence in one pass per split and the path refits one by one (on worker threads they were
+        slower: scipy's L-BFGS-B holds the GIL between torch's products). Memory: one seed's heads x N x K x 4
+        bytes at a time. A record's "seconds" here is the solve alone (train's also holds its presence pass)."""
         base = self.settings
         pushes = {spec.name: push_step(heads[spec.name], spec.settings(base),
                                        lambda spec=spec: self.data[spec.seed].scan().batches(0), device=self.device)
                   for spec in self.specs}
-        presence = {}
+        records = {}
         for seed in self.seeds:
-            data, names = self.data[seed], [spec.name for spec in self.specs
-                                            if spec.seed == seed and spec.settings(base).sparsity == "path"]
-            if names:
-                train = presence_together(data.scan(), [heads[n] for n in names], device=self.device)
-                val = presence_together(data.scan(rows=data.val_rows), [heads[n] for n in names], device=self.device)
-                presence |= {n: (t, v) for n, t, v in zip(names, train, val)}
-        self.tails = {spec.name: (pushes[spec.name], sparse_step(heads[spec.name], spec.settings(base),
-                                                                 lambda spec=spec: presence[spec.name]))
-                      for spec in self.specs}
+            data, specs = self.data[seed], [spec for spec in self.specs if spec.seed == seed]
+            refit = [spec for spec in specs if spec.settings(base).sparsity == "path"]
+            presence = {}
+            if refit:
+                train = presence_together(data.scan(), [heads[spec.name] for spec in refit], device=self.device)
+                val = presence_together(data.scan(rows=data.val_rows), [heads[spec.name] for spec in refit],
+                                        device=self.device)
+                presence = {spec.name: (t, v) for spec, t, v in zip(refit, train, val)}
+            for spec in specs:
+                records[spec.name] = sparse_step(heads[spec.name], spec.settings(base),
+                                                 lambda name=spec.name: presence.pop(name))
+        self.tails = {spec.name: (pushes[spec.name], records[spec.name]) for spec in self.specs}
 
     # --- checkpoint: like train's, one entry per model -------------------------------------------------------
 

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from pipeline.errors import ProtoquantError
 from pipeline.grounding import nearest_patches, push_codes
 from pipeline.model import ProtoQuantHead
 from pipeline.sparsity import (PathPoint, PathSettings, choose_point, choose_point_by_deviance, fit_nonnegative, penalty_max,
@@ -65,6 +66,14 @@ def test_a_solve_meets_the_optimality_conditions_of_the_nonnegative_elastic_net(
     assert 0 < int(active.sum()) < weight.numel()  # some weights at the bound, some not
     assert float(gradient[active].abs().max()) < 1e-4
     assert float(gradient[~active].min()) > -1e-4
+
+
+def test_the_path_refuses_non_finite_presence_instead_of_returning_an_empty_head() -> None:
+    presence, labels, _ = planted_presence(n=300)
+    broken = presence.clone()
+    broken[7, 3] = float("nan")
+    with pytest.raises(ProtoquantError, match="NaN or infinite"):
+        regularization_path((broken[:200], labels[:200]), (presence[200:], labels[200:]), 3)
 
 
 def _point(size: int, val: float, penalty: float = 1.0) -> PathPoint:
