@@ -76,7 +76,9 @@ def quantize(f: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.
         idx (B, H, W) int64: cosine argmax, computed without gradient.
     """
     idx = assign_codes(f, codes)  # (B, H, W); METHOD.md stage A: k* = argmax cos, no gradient
-    q = codes[idx]  # (B, H, W) -> (B, H, W, D); METHOD.md stage A: raw E[k*]
+    # METHOD.md stage A: raw E[k*], (B, H, W) -> (B, H, W, D). index_select, not codes[idx]: the backward of
+    # advanced indexing accumulates on CPU threads in a varying order (runs differed by 1e-5 in the codes' gradient)
+    q = codes.index_select(0, idx.reshape(-1)).view(*idx.shape, codes.shape[1])
     return q, idx
 
 

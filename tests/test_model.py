@@ -202,6 +202,27 @@ def test_quantize_substitutes_raw_codes_by_cosine_argmax() -> None:
     assert torch.equal(codes.grad, torch.ones(4, 4))  # each code gathered once
 
 
+def test_the_codes_gradient_through_quantize_repeats_bit_for_bit_on_several_threads() -> None:
+    """Stage A's gather is index_select: the backward of codes[idx] accumulates on CPU threads in a varying
+    order (20 backward passes on 2 threads differed by up to 1e-5), which made two equal runs differ."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        codes = torch.randn(128, 432, generator=generator, requires_grad=True)
+        features = torch.randn(64, 14, 14, 432, generator=generator)
+        upstream = torch.randn(64, 14, 14, 432, generator=generator)
+        gradients = []
+        for _ in range(20):
+            codes.grad = None
+            q, _ = quantize(features, codes)
+            (q * upstream).sum().backward()
+            gradients.append(codes.grad.clone())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(gradients[0], g) for g in gradients[1:])
+
+
 def test_stage_a_loss_by_hand_and_gradients_reach_only_codes() -> None:
     probe = ProbeHead(dim=4, num_classes=2)
     with torch.no_grad():

@@ -33,8 +33,8 @@ from stages.train import TrainSettings, train
 
 COLOURS = ((220, 40, 40), (40, 190, 60), (50, 70, 230), (230, 210, 40))
 # Short phases: the tiny dataset learns in a few epochs; the probe's rate suits the random-init features' scale.
-# The final map, timm's crop: a 2 x 2 x 96 grid at 64 px, small enough that multi-threaded CPU sums repeat
-# bit for bit between runs (on extract's default 4 x 4 x 288 grid they differ by ~1e-7, the resume tests' budget).
+# The final map, timm's crop: a 2 x 2 x 96 grid at 64 px, small and fast (runs repeat bit for bit on any grid
+# since stage A's gather is index_select: pipeline/model.py quantize).
 PLAIN_GRID = {"layers": "final", "crop_mode": None, "crop_pct": None}
 FAST = TrainSettings(epochs=20, probe_epochs=4, codebook_epochs=2, batch_size=16, probe_lr=3e-2, val_fraction=0.2,
                      device="cpu")
