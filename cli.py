@@ -165,6 +165,7 @@ CodebookLrOpt = Annotated[float, learning_rate("--codebook-lr", "Adam learning r
 HeadLrOpt = Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W (stage B).")]
 CodesLrOpt = Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")]
 AnchorOpt = Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")]
+L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
 LabelSmoothingOpt = Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")]
 TrainCodesOpt = Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (see grounding in metrics.json).")]
@@ -331,7 +332,7 @@ def train(
     ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 2 to 17 points of top-1 (README).")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
-    path_l1_ratio: Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="--sparsity path: the L1 share of the path's penalty, in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")] = 0.99,
+    path_l1_ratio: L1RatioOpt = 0.99,
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
     sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of W-only fine-tuning after a topk cut, or after the push with --sparsity none.")] = 20,
@@ -431,6 +432,7 @@ def sweep(
     weight_decay: WeightDecayOpt = 1e-4,
     label_smoothing: LabelSmoothingOpt = 0.1,
     train_codes: TrainCodesOpt = True,
+    path_l1_ratio: L1RatioOpt = 0.99,
     val_fraction: Annotated[float, float_option("--val-fraction", low_open=True, high=1.0, hint=" (e.g. 0.1)", help="Share of each class's training images held out to pick the best epoch, in (0, 1).")] = 0.1,
     max_memory: Annotated[str, typer.Option("--max-memory", help="RAM budget for the training split, e.g. 2GB; above it the split is streamed, each chunk read once for all heads (0 = always stream).")] = "auto",
     views: Annotated[bool, typer.Option("--views/--no-views", help="Use the cache's augmented views when it holds some.")] = True,
@@ -454,7 +456,7 @@ def sweep(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
         anchor=anchor, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
-        max_memory=max_memory, use_views=views, device=device)
+        max_memory=max_memory, use_views=views, device=device, path_l1_ratio=path_l1_ratio)
     say = None if json_out else (lambda line: console.print(line, highlight=False))
     result = run_sweep(cache, codebook, out, settings, SweepGrid(seeds=seeds, l1=l1, tau=tau), resume=resume,
                        overwrite=overwrite, progress=say)

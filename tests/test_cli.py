@@ -54,12 +54,19 @@ def cli_run(parts_store, tmp_path_factory) -> dict:
     ("--weight-decay", "nan", ">= 0"), ("--dict-weight", "-1", ">= 0"),
     ("--label-smoothing", "2", "[0, 1)"), ("--label-smoothing", "1", "[0, 1)"), ("--label-smoothing", "-0.1", "[0, 1)"),
     ("--val-fraction", "0", "(0, 1)"), ("--val-fraction", "1", "(0, 1)"), ("--val-fraction", "nan", "(0, 1)"),
+    ("--l1-ratio", "0", "(0, 1]"), ("--l1-ratio", "1.5", "(0, 1]"), ("--l1-ratio", "nan", "(0, 1]"),
 ])
 def test_train_refuses_bad_numbers_in_one_line(tmp_path, option, value, rule) -> None:
     result = invoke("train", tmp_path / "missing.zarr", "--codebook", tmp_path / "cb.safetensors",
                     "--out", tmp_path / "run", option, value)
     assert_one_error_line(result, option, rule, "train --help")
     assert not (tmp_path / "run").exists()
+
+
+def test_sweep_refuses_a_bad_l1_ratio_in_one_line(tmp_path) -> None:
+    result = invoke("sweep", tmp_path / "missing.zarr", "-c", tmp_path / "cb.safetensors", "--out", tmp_path / "s",
+                    "--l1-ratio", "0")
+    assert_one_error_line(result, "--l1-ratio", "(0, 1]", "sweep --help")
 
 
 def test_val_fraction_zero_says_why_it_is_refused(tmp_path) -> None:

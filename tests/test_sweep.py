@@ -181,10 +181,14 @@ def test_cli_sweep_prints_json_and_refuses_bad_lists_in_one_line(store, tmp_path
     good = runner.invoke(cli.app, ["sweep", str(store["cache"]), "-c", str(store["books"][1]), "--out",
                                    str(tmp_path / "s"), "--seeds", "2", "--l1", "0,0.01", "--epochs", "1",
                                    "--probe-epochs", "1", "--codebook-epochs", "1", "--batch-size", "16",
-                                   "--device", "cpu", "--json"])
+                                   "--l1-ratio", "0.9", "--device", "cpu", "--json"])
     assert good.exit_code == 0, good.output
     printed = json.loads(good.stdout)
     assert [h["l1"] for h in printed["heads"]] == [0.0, 0.01] and printed["resumed"] is False
+    for head in printed["heads"]:  # --l1-ratio reaches every head's refit and its recorded settings
+        run = tmp_path / "s" / head["name"]
+        assert json.loads((run / "config.json").read_text())["settings"]["path_l1_ratio"] == 0.9
+        assert json.loads((run / "metrics.json").read_text())["sparsity"]["l1_ratio"] == 0.9
     assert {h["name"] for h in printed["heads"]} == {p.name for p in (tmp_path / "s").iterdir() if p.is_dir()
                                                      and not p.name.startswith(".")}
 
