@@ -283,18 +283,44 @@ def top_evidence(head: ProtoQuantHead, cache: Cache, split: str, *, device: str 
     return {"rows": rows, **stacked}
 
 
+def centre_on_part_boxes(boxes: np.ndarray, part_boxes: np.ndarray, defining: np.ndarray) -> np.ndarray:
+    """Which boxes' centres lie on the box of a visible defining part: boxes (N, 4), part_boxes (N, P, 4) x, y, w, h
+    (original pixels, half-open; w = 0 where not visible), defining (N, P) bool -> (N, P) bool."""
+    x, y = boxes[:, 0] + boxes[:, 2] / 2, boxes[:, 1] + boxes[:, 3] / 2  # (N,)
+    visible = (part_boxes[..., 2] > 0) & (part_boxes[..., 3] > 0)
+    return box_contains(part_boxes, x[:, None], y[:, None]) & visible & defining
+
+
+def _evidence_hits(preprocessing: Preprocessing, data, annotations: dict, rows: np.ndarray, cells: np.ndarray,
+                   defining: np.ndarray) -> dict[str, np.ndarray]:
+    """For (row, cell) slots, whether each criterion counts the slot as on a defining part -> {key: (n,) bool}:
+    share (a defining part's keypoint in the cell's box), share_pipnet_patch (in purity's 32-px patch) and,
+    when the dataset has part boxes (make-birds), share_part_box (the cell's centre on a defining part's box)."""
+    keypoints, image_boxes = annotations["part_locs"][rows], annotations.get("boxes")
+    cell_boxes = receptive_boxes(preprocessing, rows, cells, data.image_size, image_boxes)
+    patches = pipnet_patch_boxes(preprocessing, rows, cells, data.image_size, image_boxes)
+    hits = {"share": defining_part_hits(cell_boxes, keypoints, defining).any(axis=1),
+            "share_pipnet_patch": defining_part_hits(patches, keypoints, defining).any(axis=1)}
+    if annotations.get("part_boxes") is not None:
+        hits["share_part_box"] = centre_on_part_boxes(cell_boxes, annotations["part_boxes"][rows], defining).any(axis=1)
+    return hits
+
+
 def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: list[list[str]], *,
                                split: str = "test", device: str | torch.device = "cpu") -> dict:
     """The share of correctly classified images of `split` whose top contribution (to the predicted class)
     fires on a box holding a part that defines the predicted class.
 
-    The box is the receptive box of the top code's peak cell (pipeline/geometry.py), in original pixels;
-    a part is in it when its visible keypoint is. An image whose best contribution is 0 has no evidence
-    and does not count as a hit. Also reported: the share whose box holds any annotated part
-    (`on_any_part`), per defining part how many hits it is in, and `share_pipnet_patch`: the same share
-    with purity's box (PIP-Net's 32-px patch at the peak cell), which does not shrink as the grid gets
-    finer (a 14 x 14 grid's cell is 16 px at 224, a 7 x 7 grid's 32 px). `chance` and `chance_pipnet_patch`:
-    what a random cell would score with either box (_chance_of_defining_part), the baseline each share beats.
+    `share`: the box is the receptive box of the top code's peak cell (pipeline/geometry.py), in original
+    pixels, and a part is in it when its visible keypoint is. An image whose best contribution is 0 has no
+    evidence and counts as a miss (in every share and chance). Also reported: the share whose box holds any
+    annotated part (`on_any_part`), per defining part how many hits it is in, and two looser criteria:
+    `share_pipnet_patch` (the keypoint in purity's box, PIP-Net's 32-px patch at the peak cell, which does
+    not shrink as the grid gets finer) and, when the dataset has part boxes (make-birds' parts/part_boxes.txt),
+    `share_part_box` (the peak cell's centre on a defining part's box: a wing or tail is larger than a cell,
+    and its keypoint is only its centre; boxes of neighbouring parts overlap, so this one counts generously).
+    `chance*`: what a uniformly random cell of the same image would score by each criterion
+    (_chance_of_defining_part), the baseline each share beats.
     """
     data = cache.split(split)
     annotations = data.annotations() or {}
@@ -307,46 +333,43 @@ def evidence_on_defining_parts(head: ProtoQuantHead, cache: Cache, class_parts: 
     n_correct = int(correct.sum())
     shown = correct & (evidence["values"] > 0)  # a zero contribution is no evidence
     rows, cells = evidence["rows"][shown], evidence["cells"][shown].astype(np.int64)
-    boxes = receptive_boxes(Preprocessing.from_cache(cache), rows, cells, data.image_size, annotations.get("boxes"))
+    defining = defining_by_class[evidence["predicted"][shown].astype(np.int64)]  # (N, P)
+    preprocessing = Preprocessing.from_cache(cache)
+    boxes = receptive_boxes(preprocessing, rows, cells, data.image_size, annotations.get("boxes"))
     keypoints = annotations["part_locs"][rows]  # (N, P, 3)
-    hits = defining_part_hits(boxes, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
+    hits = defining_part_hits(boxes, keypoints, defining)
     any_part = defining_part_hits(boxes, keypoints, np.ones_like(hits))
-    hit = hits.any(axis=1)
-    patches = pipnet_patch_boxes(Preprocessing.from_cache(cache), rows, cells, data.image_size, annotations.get("boxes"))
-    patch_hit = defining_part_hits(patches, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
-    chance = _chance_of_defining_part(cache, data, rows, keypoints, defining_by_class[evidence["predicted"][shown].astype(np.int64)])
-    return {"share": float(hit.sum() / n_correct) if n_correct else None,
-            "share_pipnet_patch": float(patch_hit.any(axis=1).sum() / n_correct) if n_correct else None,
-            "chance": float(chance[0] / n_correct) if n_correct else None,
-            "chance_pipnet_patch": float(chance[1] / n_correct) if n_correct else None,
-            "images": n_correct,
-            "hits": int(hit.sum()), "on_any_part": float(any_part.any(axis=1).sum() / n_correct) if n_correct else None,
+    shares = _evidence_hits(preprocessing, data, annotations, rows, cells, defining)
+    chance = _chance_of_defining_part(cache, data, annotations, rows, defining)
+
+    def of_correct(count: float) -> float | None:
+        return float(count / n_correct) if n_correct else None
+
+    return {**{key: of_correct(hit.sum()) for key, hit in shares.items()},
+            **{key.replace("share", "chance"): of_correct(value) for key, value in chance.items()},
+            "images": n_correct, "hits": int(hits.any(axis=1).sum()), "on_any_part": of_correct(any_part.any(axis=1).sum()),
             "split": split, "by_part": {part_names[p]: int(hits[:, p].sum()) for p in range(len(part_names))
                                         if defining_by_class[:, p].any()}}
 
 
-def _chance_of_defining_part(cache: Cache, data, rows: np.ndarray, keypoints: np.ndarray,
-                             defining: np.ndarray, images_per_pass: int = 256) -> tuple[float, float]:
-    """What a top contribution at a uniformly random cell would score: summed over the images, the share of
-    the grid's cells whose box (cell box, then the 32-px patch) holds a defining part. A share well above
-    this is the head's doing; one near it is the size of the box. Images in passes of `images_per_pass`
-    (memory: that many x H x W x parts)."""
+def _chance_of_defining_part(cache: Cache, data, annotations: dict, rows: np.ndarray, defining: np.ndarray,
+                             images_per_pass: int = 256) -> dict[str, float]:
+    """What a top contribution at a uniformly random cell would score: per criterion of _evidence_hits, summed
+    over the images, the share of the grid's cells it counts. A share well above this is the head's doing;
+    one near it is the size of the box. Images in passes of `images_per_pass` (memory: that many x H x W x parts)."""
     grid_h, grid_w = cache.grid
     cells = np.stack(np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij"), axis=-1).reshape(-1, 2)
-    preprocessing, boxes = Preprocessing.from_cache(cache), (data.annotations() or {}).get("boxes")
-    scores = [0.0, 0.0]
+    preprocessing = Preprocessing.from_cache(cache)
+    keys = ["share", "share_pipnet_patch"] + (["share_part_box"] if annotations.get("part_boxes") is not None else [])
+    sums = dict.fromkeys(keys, 0.0)
     for first in range(0, len(rows), images_per_pass):
         part = slice(first, first + images_per_pass)
         n = len(rows[part])
-        every_rows = np.repeat(rows[part], len(cells))  # (n * H * W,)
-        every_cells = np.tile(cells, (n, 1))  # (n * H * W, 2)
-        every_keypoints = np.repeat(keypoints[part], len(cells), axis=0)
-        every_defining = np.repeat(defining[part], len(cells), axis=0)
-        for i, box_of in enumerate((receptive_boxes, pipnet_patch_boxes)):
-            held = defining_part_hits(box_of(preprocessing, every_rows, every_cells, data.image_size, boxes),
-                                      every_keypoints, every_defining)
-            scores[i] += float(held.any(axis=1).reshape(n, len(cells)).mean(axis=1).sum())
-    return scores[0], scores[1]
+        hits = _evidence_hits(preprocessing, data, annotations, np.repeat(rows[part], len(cells)), np.tile(cells, (n, 1)),
+                              np.repeat(defining[part], len(cells), axis=0))
+        for key, hit in hits.items():
+            sums[key] += float(hit.reshape(n, len(cells)).mean(axis=1).sum())
+    return sums
 
 
 # ---- spatial misalignment (Sacha et al.) ------------------------------------------------------------------

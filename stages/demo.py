@@ -256,6 +256,8 @@ def _result_rows(evaluation: dict, interp: dict, curve: list[dict]) -> list[tupl
          f"{_number(evidence.get('share'))} ({_number(evidence.get('chance'))})"),
         ("evidence on defining parts (purity's 32-px patch; a random cell)",
          f"{_number(evidence.get('share_pipnet_patch'))} ({_number(evidence.get('chance_pipnet_patch'))})"),
+        ("evidence on defining parts (the peak cell's centre on a defining part's box; a random cell)",
+         f"{_number(evidence.get('share_part_box'))} ({_number(evidence.get('chance_part_box'))})"),
         ("grounding: mean cosine of the codes in use to their nearest training patch",
          _number(grounding.get("mean_cosine"))),
         ("test images", str(evaluation["n"])),

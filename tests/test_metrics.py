@@ -243,6 +243,8 @@ def test_evidence_on_defining_parts_is_one_when_the_top_code_sits_on_the_definin
     height, width = squares.cache.grid
     assert result["chance"] == pytest.approx(1 / (height * width))
     assert result["chance"] <= result["chance_pipnet_patch"] < 0.1  # this small grid's patch is about a cell
+    # the square's part box is its cell: the peak cell's centre lies on it, a random cell's in 1 of H x W
+    assert result["share_part_box"] == 1.0 and result["chance_part_box"] == pytest.approx(1 / (height * width))
     # the tail defines both classes but is never visible: no image's evidence is on it
     tail = evidence_on_defining_parts(head, squares.cache, [["tail"], ["tail"]], split="test")
     assert tail["share"] == 0.0 and tail["on_any_part"] == 1.0 and tail["images"] == 8
@@ -255,6 +257,7 @@ def test_evidence_is_zero_when_the_head_looks_at_the_background(squares):
     result = evidence_on_defining_parts(head, squares.cache, [["square"], ["square"]], split="test")
     assert result["images"] > 0 and result["share"] == 0.0 and result["on_any_part"] == 0.0
     assert result["share_pipnet_patch"] < 1.0  # off the square's block, a background patch misses it at times
+    assert result["share_part_box"] == 0.0  # the background code's peak is off the square's box
 
 
 # ---- misalignment -----------------------------------------------------------------------------------------------
