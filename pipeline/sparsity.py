@@ -82,6 +82,11 @@ class PathPoint:
         return int((self.weight > SIZE_THRESHOLD).sum(dim=1).max())
 
     @property
+    def every_class_weighted(self) -> bool:
+        """Whether every class has a weight > 0: a class without one can neither be predicted nor explained."""
+        return bool((self.weight > 0).any(dim=1).all())
+
+    @property
     def nonzero(self) -> int:
         return int((self.weight > 0).sum())
 
@@ -267,8 +272,9 @@ def choose_point_by_deviance(points: list[PathPoint]) -> int:
 
     The cross-entropy is continuous where top-1 moves in steps of one image, so on a small validation split
     the choice does not jump with one image (measured: the accuracy rule picked sizes 2.0-9.0 and test top-1
-    0.83-0.92 from four demo heads, this rule 9.0-9.8 and 0.92-0.93). Ties go to the lower loss, then to the
-    stronger penalty. Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
+    0.83-0.92 from four demo heads, this rule 9.0-9.8 and 0.92-0.93). Only points that weigh every class are
+    eligible while there are any (_weighted_first). Ties go to the lower loss, then to the stronger penalty.
+    Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
     """
     if not points:
         raise ProtoquantError("the sparsity path is empty")
@@ -278,14 +284,24 @@ def choose_point_by_deviance(points: list[PathPoint]) -> int:
     best = min((i for i, v in enumerate(losses) if not math.isnan(v)), key=lambda i: losses[i])
     limit = losses[best] + points[best].val_loss_se
     eligible = [i for i, v in enumerate(losses) if not math.isnan(v) and v <= limit + 1e-12]
-    return min(eligible, key=lambda i: (points[i].local_size, losses[i], i))
+    return min(_weighted_first(points, eligible, best), key=lambda i: (points[i].local_size, losses[i], i))
+
+
+def _weighted_first(points: list[PathPoint], eligible: list[int], best: int) -> list[int]:
+    """The eligible points whose every class has a weight; none such: the best point alone. On a tiny
+    validation split one standard error is wide enough to admit the empty head (every logit 0, every image
+    given to class 0: the quick demo's head did that), which no rule should pick while the path has heads
+    that weigh every class."""
+    weighted = [i for i in eligible if points[i].every_class_weighted]
+    return weighted or [best]
 
 
 def choose_point(points: list[PathPoint], tolerance: float, n_val: int | None = None) -> int:
     """Rule "accuracy": index of the sparsest point (smallest local size) whose val top-1 >= best val top-1 - margin, the
     margin being selection_margin (tolerance, or one standard error on n_val images when larger).
 
-    Ties go to the higher validation top-1, then to the stronger penalty (earlier on the path).
+    Only points that weigh every class are eligible while there are any (_weighted_first). Ties go to the
+    higher validation top-1, then to the stronger penalty (earlier on the path).
     Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
     """
     if not points:
@@ -296,7 +312,8 @@ def choose_point(points: list[PathPoint], tolerance: float, n_val: int | None = 
     best = max(s for s in scores if not math.isnan(s))
     margin = selection_margin(best, n_val, tolerance)
     eligible = [i for i, s in enumerate(scores) if not math.isnan(s) and s >= best - margin - 1e-12]
-    return min(eligible, key=lambda i: (points[i].local_size, -scores[i], i))
+    top = max((i for i in eligible), key=lambda i: (scores[i], -i))
+    return min(_weighted_first(points, eligible, top), key=lambda i: (points[i].local_size, -scores[i], i))
 
 
 @torch.no_grad()

@@ -58,8 +58,9 @@ class DemoSettings:
     @property
     def recipe(self) -> str:
         return (f"grid from --layers {self.layers} (stride 16+32 for this CNN), --crop-mode {self.crop_mode} "
-                f"--crop-pct {self.crop_pct:g}, K = {self.k}; train's defaults: codes pushed onto their nearest "
-                "training patch, W refit along a sparse non-negative path")
+                f"--crop-pct {self.crop_pct:g}, K = {self.k}; train's defaults: codes anchored near the training "
+                "patches they match (no push: it cost 19 points here, --ground), W refit along a non-negative "
+                "path, 99% L1")
 
     def train_settings(self):
         from pipeline.training import TrainSettings

@@ -108,6 +108,19 @@ def test_the_deviance_rule_takes_the_sparsest_point_within_one_standard_error_of
     assert choose_point_by_deviance([point(2, math.nan, math.nan), point(9, math.nan, math.nan)]) == 1  # no val: no cut
 
 
+def test_neither_rule_picks_a_head_that_leaves_a_class_without_weights() -> None:
+    def point(weighted_classes: int, loss: float, val: float) -> PathPoint:
+        weight = torch.zeros(3, 10)
+        weight[:weighted_classes, 0] = 1.0  # classes beyond weighted_classes have no weight at all
+        return PathPoint(penalty=1.0, weight=weight, val_top1=val, train_top1=val, val_loss=loss, val_loss_se=0.5)
+
+    # a 4-image validation split: one standard error (0.5) admits the empty head and a head missing a class
+    points = [point(0, 1.10, 0.25), point(2, 1.00, 0.50), point(3, 0.90, 0.75), point(3, 0.95, 0.75)]
+    assert choose_point_by_deviance(points) == 2
+    assert choose_point(points, 0.5) == 2
+    assert choose_point_by_deviance(points[:2]) == 1  # no head weighs every class: the lowest loss
+
+
 def test_push_makes_every_code_a_training_patch() -> None:
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(12, 3, 3, 32, generator=generator)  # 12 images, 3 x 3 grid, 32 dims
