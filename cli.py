@@ -197,7 +197,7 @@ def is_rank_zero() -> bool:
 @app.command(rich_help_panel="Start here")
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for everything the demo makes (re-running skips finished steps).")] = Path("demo-out"),
-    quick: Annotated[bool, typer.Option("--quick", help="A tiny version (about a minute): 4 classes, 128 px, short training.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A small version (under a minute): 4 classes of 40 images, K = 64, train's defaults.")] = False,
 ) -> None:
     """Run the whole pipeline offline on generated birds with real pretrained weights, and write a report.
 
