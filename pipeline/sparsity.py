@@ -23,8 +23,7 @@ number of weights relu(W) > 0.1, averaged over classes.
     regularization_path   every point of the path, scored on validation
     choose_point_by_deviance  the default rule: validation cross-entropy, one standard error
     choose_point          the accuracy rule (tolerance or one standard error of top-1)
-    refit_head            all of it on a head, in place: W := the chosen point
-    refit_from_presence   the same on presence already computed (the sweep's one pass for many heads)
+    refit_from_presence   all of it on a head's presence, in place: W := the chosen point
 """
 
 from __future__ import annotations
@@ -317,19 +316,11 @@ def choose_point(points: list[PathPoint], tolerance: float, n_val: int | None = 
 
 
 @torch.no_grad()
-def refit_head(head, train_batches, val_batches, settings: PathSettings = PathSettings(), *,
-               device: torch.device | str = "cpu") -> dict:
-    """In place: W := the chosen point of the path on the head's presence (its codes stay). Returns the record
-    (rule, chosen point, the whole curve) that train writes into metrics.json."""
-    train = presence_matrix(head, train_batches, device=device)
-    val = presence_matrix(head, val_batches, device=device)
-    return refit_from_presence(head, train, val, settings)
-
-
-@torch.no_grad()
 def refit_from_presence(head, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                         settings: PathSettings = PathSettings()) -> dict:
-    """refit_head on presence already computed (presence_matrix's (N, K), labels of train and val)."""
+    """In place: W := the chosen point of the path on presence already computed (presence_matrix's (N, K) and
+    labels of train and val; the codes stay). Returns the record (rule, chosen point, the whole curve) that
+    train writes into metrics.json."""
     points = regularization_path(train, val, head.weight.shape[0], settings)
     n_val = int(val[1].numel())
     if settings.rule not in RULES:
