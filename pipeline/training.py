@@ -11,6 +11,7 @@
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
     after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train's
     push_step, sparse_step        its two halves: the sweep calls them around its shared presence pass
+    check_refit_memory            the path refit's presence fits in RAM, checked before any training
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall
@@ -430,6 +431,23 @@ def after_stage_b(head: nn.Module, settings: TrainSettings, train_rows: Callable
     push = push_step(head, settings, train_rows, device=device)
     return push, sparse_step(head, settings, lambda: (presence_matrix(head, train_rows(), device=device),
                                                       presence_matrix(head, val_rows(), device=device)))
+
+
+def check_refit_memory(settings: TrainSettings, rows: int, codes: int, classes: int, *,
+                       available: int | None = None) -> None:
+    """--sparsity path refits W on the presence of every training and validation row (rows x codes x 4 bytes)
+    with (rows x classes) float64 temporaries in the solver: refuse before any training when that exceeds
+    the RAM available now (ImageNet-sized splits with thousands of codes), rather than after stage B."""
+    from pipeline.data import available_memory
+
+    if settings.sparsity != "path":
+        return
+    need = rows * codes * 4 + rows * classes * 8 * 4
+    free = available_memory() if available is None else available
+    if need > free:
+        raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {rows} rows x {codes} codes, "
+                              f"about {need / 2**30:.1f} GB, but {free / 2**30:.1f} GB of RAM is available: pass "
+                              "--sparsity topk (the paper's stage 2b, no presence matrix), fewer codes, or more RAM")
 
 
 def push_step(head: nn.Module, settings: TrainSettings, train_rows: Callable[[], object], *,

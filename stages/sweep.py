@@ -49,7 +49,8 @@ from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
-                               phase_state_from_artifact, push_step, sparse_step, state_to_tensors)
+                               phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
+                               check_refit_memory)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -236,6 +237,10 @@ class _SweepTrainer:
         self.current: list[str] = []
         self.data = self._open_data(cache.split("train"))
         self.in_ram = self.data[self.seeds[0]].train.ram is not None
+        for seed in self.seeds:  # _tails holds a seed's heads' presence at once
+            data = self.data[seed]
+            check_refit_memory(settings, len(data.train_rows) + len(data.val_rows),
+                               sum(spec.k for spec in specs if spec.seed == seed), len(cache.classes))
 
     def _open_data(self, split: CacheSplit) -> dict[int, _SeedData]:
         """pipeline.data.open_training_data for every seed, with the RAM rows loaded once."""

@@ -48,7 +48,7 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_u
 from pipeline.plots import sparsity_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, check_refit_memory,
                                check_train_settings, classification_loss, code_grounding, head_phase,
                                needs_finetune, optimizer_to_artifact, with_legacy_settings,
                                phase_state_from_artifact, run_phase, state_to_tensors)
@@ -114,6 +114,7 @@ def train(
     data = open_training_data(split, val_fraction=settings.val_fraction, seed=settings.seed,
                               batch_size=settings.batch_size, max_memory=parse_memory(settings.max_memory),
                               use_views=settings.use_views, rank=dist.rank, world=dist.world)
+    check_refit_memory(settings, len(data.train_rows) + len(data.val_rows), int(codes.shape[0]), len(cache.classes))
     on_gpu = data.ram is not None and data.ram.move_to_gpu_if_it_fits(device)
     config = _config(cache, codebook_path, codebook_meta, codes, settings, data, dist, on_gpu)
     states = _read_checkpoint(work / "checkpoint.safetensors", config) if resume else {}

@@ -121,6 +121,16 @@ def test_neither_rule_picks_a_head_that_leaves_a_class_without_weights() -> None
     assert choose_point_by_deviance(points[:2]) == 1  # no head weighs every class: the lowest loss
 
 
+def test_a_refit_that_cannot_fit_in_ram_is_refused_before_any_training() -> None:
+    from pipeline.training import TrainSettings, check_refit_memory
+
+    imagenet = dict(rows=1_281_167, codes=2000, classes=1000)  # presence 9.5 GiB, the solver's (N, C) float64 38 GiB
+    with pytest.raises(ProtoquantError, match=r"1281167 rows x 2000 codes, about 47\.7 GB.*--sparsity topk"):
+        check_refit_memory(TrainSettings(), **imagenet, available=8 << 30)
+    check_refit_memory(TrainSettings(), **imagenet, available=64 << 30)  # fits
+    check_refit_memory(TrainSettings(sparsity="topk"), **imagenet, available=1 << 30)  # no presence matrix
+
+
 def test_push_makes_every_code_a_training_patch() -> None:
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(12, 3, 3, 32, generator=generator)  # 12 images, 3 x 3 grid, 32 dims
