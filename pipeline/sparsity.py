@@ -51,7 +51,7 @@ class PathSettings:
     min_ratio: float = 1e-3       # weakest penalty / strongest
     l1_ratio: float = 0.99        # elastic-net mixing: 1 = the lasso. On W >= 0 the L1 alone keeps every head finite, and
                                   # a ridge share spreads weight over correlated codes (elastic net's grouping effect):
-                                  # measured, 0.9 gave the same top-1 at twice the size and purity 0.44-0.51 (1.0: 0.68-0.78)
+                                  # measured, 0.9 gave the same top-1 at up to twice the size, purity 0.44-0.51 (0.99: 0.66-0.79)
     iterations: int = 400         # at most this many quasi-Newton steps per point (warm-started)
     gtol: float = 1e-6            # a point's solve stops when the projected gradient's largest entry is below this
                                   # (or, more often, at scipy's ftol: fit_nonnegative)
