@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -272,47 +272,41 @@ def choose_point_by_deviance(points: list[PathPoint]) -> int:
     The cross-entropy is continuous where top-1 moves in steps of one image, so on a small validation split
     the choice does not jump with one image (measured: the accuracy rule picked sizes 2.0-9.0 and test top-1
     0.83-0.92 from four demo heads, this rule 9.0-9.8 and 0.92-0.93). Only points that weigh every class are
-    eligible while there are any (_weighted_first). Ties go to the lower loss, then to the stronger penalty.
+    eligible while there are any (_sparsest_within). Ties go to the lower loss, then to the stronger penalty.
     Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
     """
-    if not points:
-        raise ProtoquantError("the sparsity path is empty")
     losses = [p.val_loss for p in points]
-    if all(math.isnan(v) for v in losses):
-        return len(points) - 1
-    best = min((i for i, v in enumerate(losses) if not math.isnan(v)), key=lambda i: losses[i])
-    limit = losses[best] + points[best].val_loss_se
-    eligible = [i for i, v in enumerate(losses) if not math.isnan(v) and v <= limit + 1e-12]
-    return min(_weighted_first(points, eligible, best), key=lambda i: (points[i].local_size, losses[i], i))
-
-
-def _weighted_first(points: list[PathPoint], eligible: list[int], best: int) -> list[int]:
-    """The eligible points whose every class has a weight; none such: the best point alone. On a tiny
-    validation split one standard error is wide enough to admit the empty head (every logit 0, every image
-    given to class 0: the quick demo's head did that), which no rule should pick while the path has heads
-    that weigh every class."""
-    weighted = [i for i in eligible if points[i].every_class_weighted]
-    return weighted or [best]
+    return _sparsest_within(points, losses, lambda best: points[best].val_loss_se)
 
 
 def choose_point(points: list[PathPoint], tolerance: float, n_val: int | None = None) -> int:
     """Rule "accuracy": index of the sparsest point (smallest local size) whose val top-1 >= best val top-1 - margin, the
     margin being selection_margin (tolerance, or one standard error on n_val images when larger).
 
-    Only points that weigh every class are eligible while there are any (_weighted_first). Ties go to the
+    Only points that weigh every class are eligible while there are any (_sparsest_within). Ties go to the
     higher validation top-1, then to the stronger penalty (earlier on the path).
     Without validation scores (NaN), the weakest penalty: nothing can justify a cut.
     """
+    scores = [p.val_top1 for p in points]
+    return _sparsest_within(points, [-s for s in scores],
+                            lambda best: selection_margin(scores[best], n_val, tolerance))
+
+
+def _sparsest_within(points: list[PathPoint], badness: list[float], slack: Callable[[int], float]) -> int:
+    """Both rules: the sparsest point (smallest local size) whose badness (lower is better; NaN: unscored) is
+    within slack(best point) of the best, among the points that weigh every class while there are any (on a
+    tiny validation split the slack admits the empty head: every logit 0, every image given to class 0, as the
+    quick demo's head once did). Ties go to the lower badness, then to the stronger penalty. Nothing scored:
+    the weakest penalty, since nothing can justify a cut."""
     if not points:
         raise ProtoquantError("the sparsity path is empty")
-    scores = [p.val_top1 for p in points]
-    if all(math.isnan(s) for s in scores):
+    if all(math.isnan(v) for v in badness):
         return len(points) - 1
-    best = max(s for s in scores if not math.isnan(s))
-    margin = selection_margin(best, n_val, tolerance)
-    eligible = [i for i, s in enumerate(scores) if not math.isnan(s) and s >= best - margin - 1e-12]
-    top = max((i for i in eligible), key=lambda i: (scores[i], -i))
-    return min(_weighted_first(points, eligible, top), key=lambda i: (points[i].local_size, -scores[i], i))
+    best = min((i for i, v in enumerate(badness) if not math.isnan(v)), key=lambda i: badness[i])
+    limit = badness[best] + slack(best)
+    eligible = [i for i, v in enumerate(badness) if not math.isnan(v) and v <= limit + 1e-12]
+    weighted = [i for i in eligible if points[i].every_class_weighted] or [best]
+    return min(weighted, key=lambda i: (points[i].local_size, badness[i], i))
 
 
 @torch.no_grad()
