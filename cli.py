@@ -302,8 +302,10 @@ def _sparsity_method(value: str) -> str:
 
 
 def _sparsity_rule(value: str) -> str:
-    if value not in ("deviance", "accuracy"):
-        raise typer.BadParameter(f"got {value!r}; choose deviance or accuracy")
+    from pipeline.sparsity import RULES
+
+    if value not in RULES:
+        raise typer.BadParameter(f"got {value!r}; choose {' or '.join(RULES)}")
     return value
 
 

@@ -9,7 +9,6 @@
     shared_batches       batches of several sources in one pass: from RAM, or streamed with each inner
                          chunk read once for all of them
     accuracies, grounding_together    validation top-1 and code grounding for many models in one pass
-    presence_together    every head's presence matrix in one pass (the sparse refit's input)
 
 Equal to `train` (tests/test_sweep.py): from RAM every head sees exactly the batches `train` with its
 seed gives, so it matches within float tolerance (the one difference is the order of additions in
@@ -215,26 +214,6 @@ def grounding_together(sources: list[FeatureSource], codes: list[list[tuple[str,
         for key, _ in codes[i]:
             best[key] = torch.maximum(best[key], (patches @ units[key].T).amax(dim=0))
     return {key: value.cpu() for key, value in best.items()}
-
-
-@torch.no_grad()
-def presence_together(source: FeatureSource, heads: list[ProtoQuantHead], *,
-                      device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """pipeline.sparsity.presence_matrix for many heads in one pass over `source`: each block is read once and
-    goes through every head, head by head (the same arithmetic as one head alone, so a sweep's refit matches
-    train's). -> per head (N, K) float32 presence and (N,) labels, on the CPU, in batch order; memory: heads x
-    N x K x 4 bytes at once, the price of reading each block once."""
-    presence: list[list[torch.Tensor]] = [[] for _ in heads]
-    labels = []
-    for features, y in source.batches(0):
-        f = features.to(device)
-        labels.append(y.cpu())
-        for i, head in enumerate(heads):
-            presence[i].append(head.presence(f).float().cpu())  # (B, H, W, D) -> (B, K)
-    if not labels:
-        raise ProtoquantError("refitting the heads needs rows, and the share is empty")
-    y = torch.cat(labels).long()
-    return [(torch.cat(p), y) for p in presence]
 
 
 # --- stage B for many heads at once --------------------------------------------------------------------------

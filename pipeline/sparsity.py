@@ -18,6 +18,7 @@ number of weights relu(W) > 0.1, averaged over classes.
 
     PathSettings          how the path is laid out and how a point is chosen
     presence_matrix       (N, K) presence and (N,) labels of a feature source through a head
+    presence_matrices     the same for several heads from one pass (the sweep)
     penalty_max           the weakest penalty at which W = 0 is optimal
     fit_nonnegative       one elastic-net solve (warm start)
     regularization_path   every point of the path, scored on validation
@@ -108,13 +109,26 @@ def presence_matrix(head, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], 
 
     Memory: N * K * 4 bytes (100k images x 2000 codes = 800 MB).
     """
-    presence, labels = [], []
+    return presence_matrices([head], batches, device=device)[0]
+
+
+@torch.no_grad()
+def presence_matrices(heads: list, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                      device: torch.device | str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """presence_matrix of several heads from one pass over the batches (the sweep's heads of one seed): each
+    batch goes through every head, head by head, so each head's presence is what it alone would give.
+    Memory: heads x N x K x 4 bytes at once."""
+    presence: list[list[torch.Tensor]] = [[] for _ in heads]
+    labels = []
     for features, y in batches:
-        presence.append(head.presence(features.to(device)).float().cpu())  # (B, H, W, D) -> (B, K)
+        f = features.to(device)
         labels.append(y.cpu())
-    if not presence:
+        for i, head in enumerate(heads):
+            presence[i].append(head.presence(f).float().cpu())  # (B, H, W, D) -> (B, K)
+    if not labels:
         raise ProtoquantError("refitting the head needs training rows, and the training share is empty")
-    return torch.cat(presence), torch.cat(labels).long()
+    y = torch.cat(labels).long()
+    return [(torch.cat(p), y) for p in presence]
 
 
 def _gradient(weight: torch.Tensor, presence: torch.Tensor, onehot: torch.Tensor, ridge: float) -> torch.Tensor:

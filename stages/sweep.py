@@ -41,12 +41,12 @@ from pipeline.errors import ProtoquantError
 from pipeline.io import read_artifact, read_json, write_artifact, write_json, write_log
 from pipeline.model import (ProbeHead, ProtoQuantHead, codes_in_use, local_size_per_class, quantize, save_head,
                             save_probe, stage_a_loss)
-from pipeline.multihead import (Codes, Lane, Member, grounding_together, heads_loss, presence_together,
-                                run_round, stacked_logits)
+from pipeline.multihead import Codes, Lane, Member, grounding_together, heads_loss, run_round, stacked_logits
 from pipeline.paths import check_output, remove_ours
 from pipeline.plots import Series, line_chart, sparsity_chart
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
+from pipeline.sparsity import presence_matrices
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
                                phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
@@ -371,9 +371,9 @@ class _SweepTrainer:
             refit = [spec for spec in specs if spec.settings(base).sparsity == "path"]
             presence = {}
             if refit:
-                train = presence_together(data.scan(), [heads[spec.name] for spec in refit], device=self.device)
-                val = presence_together(data.scan(rows=data.val_rows), [heads[spec.name] for spec in refit],
-                                        device=self.device)
+                lane = [heads[spec.name] for spec in refit]
+                train = presence_matrices(lane, data.scan().batches(0), device=self.device)
+                val = presence_matrices(lane, data.scan(rows=data.val_rows).batches(0), device=self.device)
                 presence = {spec.name: (t, v) for spec, t, v in zip(refit, train, val)}
             for spec in specs:
                 records[spec.name] = sparse_step(heads[spec.name], spec.settings(base),
