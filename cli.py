@@ -165,6 +165,18 @@ CodebookLrOpt = Annotated[float, learning_rate("--codebook-lr", "Adam learning r
 HeadLrOpt = Annotated[float, learning_rate("--head-lr", "AdamW learning rate of the head's weights W (stage B).")]
 CodesLrOpt = Annotated[float, learning_rate("--codes-lr", "Learning rate of the codes in stage B, relative to their RMS coordinate (so it suits any backbone).")]
 AnchorOpt = Annotated[float, float_option("--anchor", hint=" (0 turns it off)", help="Stage B pull of every trainable code toward its best-matching patch in the batch, so codes stay near real patches (measured: grounding 0.80-0.88 instead of 0.70, top-1 within noise; larger values cost accuracy; >= 0).")]
+def _refit_memory(value: str) -> str:
+    from pipeline.data import parse_memory
+
+    if value not in ("auto", "all"):
+        try:
+            parse_memory(value)
+        except Exception:
+            raise typer.BadParameter(f"got {value!r}; write a size (e.g. 8GB, 512MiB), auto or all") from None
+    return value
+
+
+RefitMemoryOpt = Annotated[str, typer.Option("--refit-memory", callback=_refit_memory, help="RAM the sparse refit (--sparsity path) may hold: the presence of every training and validation row, rows x (4 K + 32 C) bytes. Above it the refit uses a stratified sample of the rows that fits (the same share of every class, at least 10 training rows each; metrics.json records the share). auto = half the RAM free when training starts; all = every row, or refuse before training.")]
 L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
 LabelSmoothingOpt = Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")]
@@ -335,6 +347,7 @@ def train(
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     path_l1_ratio: L1RatioOpt = 0.99,
+    refit_memory: RefitMemoryOpt = "auto",
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
     sparsity_k: Annotated[int, typer.Option("--sparsity-k", min=1, help="--sparsity topk: weights kept per class.")] = 5,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0, help="Epochs of W-only fine-tuning after a topk cut, or after the push with --sparsity none.")] = 20,
@@ -370,7 +383,7 @@ def train(
         train_codes=train_codes, l1=l1, anchor=anchor, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
         use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
         sparsity_rule=sparsity_rule, sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
-        path_l1_ratio=path_l1_ratio,
+        path_l1_ratio=path_l1_ratio, refit_memory=refit_memory,
     )
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)
@@ -391,6 +404,13 @@ def train(
                       f"codes in use; {size['mean']:.1f} weights > 0.1 per class (max {size['max']}); grounding "
                       f"{grounding['mean_max_cosine_in_use']:.3f}; {result.metrics['seconds']:.0f} s -> {result.path}",
                       highlight=False, soft_wrap=True)
+    sparse = result.metrics["sparsity"]
+    if sparse.get("refit_share", 1.0) < 1.0:
+        from pipeline.data import format_bytes
+
+        console.print(f"note: the sparse refit used a stratified {sparse['refit_share']:.1%} of the rows "
+                      f"({sparse['refit_rows']} of {sparse['of_rows']}) to stay within --refit-memory "
+                      f"{format_bytes(sparse['refit_budget_bytes'])}", highlight=False, soft_wrap=True)
     console.print(f"Next: protoquant evaluate {result.path}", highlight=False, soft_wrap=True)
 
 
@@ -435,6 +455,7 @@ def sweep(
     label_smoothing: LabelSmoothingOpt = 0.1,
     train_codes: TrainCodesOpt = True,
     path_l1_ratio: L1RatioOpt = 0.99,
+    refit_memory: RefitMemoryOpt = "auto",
     val_fraction: Annotated[float, float_option("--val-fraction", low_open=True, high=1.0, hint=" (e.g. 0.1)", help="Share of each class's training images held out to pick the best epoch, in (0, 1).")] = 0.1,
     max_memory: Annotated[str, typer.Option("--max-memory", help="RAM budget for the training split, e.g. 2GB; above it the split is streamed, each chunk read once for all heads (0 = always stream).")] = "auto",
     views: Annotated[bool, typer.Option("--views/--no-views", help="Use the cache's augmented views when it holds some.")] = True,
@@ -458,7 +479,8 @@ def sweep(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
         anchor=anchor, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
-        max_memory=max_memory, use_views=views, device=device, path_l1_ratio=path_l1_ratio)
+        max_memory=max_memory, use_views=views, device=device, path_l1_ratio=path_l1_ratio,
+        refit_memory=refit_memory)
     say = None if json_out else (lambda line: console.print(line, highlight=False))
     result = run_sweep(cache, codebook, out, settings, SweepGrid(seeds=seeds, l1=l1, tau=tau), resume=resume,
                        overwrite=overwrite, progress=say)

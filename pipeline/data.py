@@ -2,7 +2,7 @@
 
     usable_rows          rows of a split that hold features (skipped bad files never train or score)
     carve_validation     a seeded, stratified validation subset of the training rows (METHOD.md pitfall 2)
-    parse_memory         "2GB" / "512MiB" / "auto" -> bytes, for --max-memory
+    parse_memory         "2GB" / "512MiB" / "auto" -> bytes, for --max-memory (format_bytes: back, for messages)
     RamRows              the chosen rows (and their augmented views) loaded once into one array
     FeatureSource        shuffled (features float32 (B, H, W, D), labels int64 (B,)) batches
 
@@ -51,6 +51,14 @@ def parse_memory(text: str) -> int:
     if not match or match.group(2) not in _UNITS:
         raise ProtoquantError(f"--max-memory {text!r} is not a size: write e.g. 2GB, 512MiB, 0 (always stream) or auto")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(nbytes: float) -> str:
+    """parse_memory's inverse for messages, in its decimal units: 3.2 GB, 450.0 MB, 200.0 KB."""
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{int(nbytes)} B"
 
 
 def available_memory() -> int:

@@ -25,6 +25,7 @@ number of weights relu(W) > 0.1, averaged over classes.
     choose_point_by_deviance  the default rule: validation cross-entropy, one standard error
     choose_point          the accuracy rule (tolerance or one standard error of top-1)
     refit_from_presence   all of it on a head's presence, in place: W := the chosen point
+    refit_bytes, refit_sample  the refit's memory, and the stratified share of rows that fits a budget
 """
 
 from __future__ import annotations
@@ -39,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from scipy import optimize
 
+from pipeline.data import format_bytes
 from pipeline.errors import ProtoquantError
 
 SIZE_THRESHOLD = 0.1  # the authors' calculate_local_size counts weights above this
+MIN_REFIT_ROWS_PER_CLASS = 10  # a sampled refit keeps at least this many training rows of every class
 
 
 @dataclass(frozen=True)
@@ -349,3 +352,44 @@ def refit_from_presence(head, train: tuple[torch.Tensor, torch.Tensor], val: tup
     return {"rule": rule, "rule_name": settings.rule,
             "tolerance": settings.tolerance, "margin": margin, "n_val": n_val, "l1_ratio": settings.l1_ratio, "relax": settings.relax,
             "chosen_index": chosen, "chosen": points[chosen].summary(), "curve": [p.summary() for p in points]}
+
+
+def refit_bytes(rows: int, codes: int, classes: int) -> int:
+    """What the refit holds for `rows` rows: their (rows, K) float32 presence and the solver's (rows, C)
+    temporaries (float32 products, float64 copies: about 32 bytes per row and class)."""
+    return rows * (codes * 4 + classes * 32)
+
+
+def refit_sample(train_rows: np.ndarray, val_rows: np.ndarray, labels: np.ndarray, *, codes: int, classes: int,
+                 budget: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The rows the path refit uses -> (train rows, val rows, share): every row when their refit_bytes fit
+    `budget`, else the same share of each class of train and of val (seeded, at least
+    MIN_REFIT_ROWS_PER_CLASS training rows per class, rows kept in order). Raises when even that does not fit."""
+    total = len(train_rows) + len(val_rows)
+    share = min(1.0, budget / max(refit_bytes(total, codes, classes), 1))
+    if share >= 1.0:
+        return train_rows, val_rows, 1.0
+    for _ in range(8):  # rounding up per class and the floor can overshoot: shrink the share until it fits
+        rng = np.random.default_rng([seed, 0x5EF17])
+        train = _stratified(train_rows, labels, share, rng, floor=MIN_REFIT_ROWS_PER_CLASS)
+        val = _stratified(val_rows, labels, share, rng, floor=1)
+        need = refit_bytes(len(train) + len(val), codes, classes)
+        if need <= budget:
+            return train, val, (len(train) + len(val)) / total
+        share *= 0.98 * budget / need
+    raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {total} rows x {codes} codes, "
+                          f"and even a sample of {MIN_REFIT_ROWS_PER_CLASS} rows per class needs {format_bytes(need)} of "
+                          f"--refit-memory's {format_bytes(budget)}: raise --refit-memory, or pass --sparsity topk "
+                          "(the paper's stage 2b, no presence matrix)")
+
+
+def _stratified(rows: np.ndarray, labels: np.ndarray, share: float, rng: np.random.Generator, *, floor: int) -> np.ndarray:
+    """ceil(share x n_c) of each class's rows, at least min(floor, n_c), drawn by `rng`; sorted."""
+    rows = np.asarray(rows, dtype=np.int64)
+    of_row = labels[rows]
+    kept = []
+    for c in np.unique(of_row):
+        members = rows[of_row == c]
+        n = min(len(members), max(floor, math.ceil(share * len(members))))
+        kept.append(rng.choice(members, size=n, replace=False))
+    return np.sort(np.concatenate(kept)) if kept else rows[:0]

@@ -11,7 +11,7 @@
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
     after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train's
     push_step, sparse_step        its two halves: the sweep calls them around its shared presence pass
-    check_refit_memory            the path refit's presence fits in RAM, checked before any training
+    refit_rows                    the rows the path refit uses: all, or a stratified sample within --refit-memory
     state_to_tensors / optimizer_to_artifact / ...   checkpoints as safetensors + JSON, no pickles
 
 The learning rate is set before every optimizer step from the global step index (METHOD.md pitfall
@@ -77,13 +77,14 @@ class TrainSettings:
     path_points: int = 40
     path_l1_ratio: float = 0.99       # path: the L1 share of the penalty (pipeline/sparsity.py PathSettings.l1_ratio)
     path_relax: bool = False
+    refit_memory: str = "auto"        # path: RAM for the refit's presence; above it a stratified sample of rows
 
 
 SPARSITY_METHODS = ("path", "topk", "none")
 
 # What a run recorded before a setting existed did instead: a replay, a resume or a prune of an older run
 # keeps its method rather than silently taking today's default.
-LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False}
+LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False, "refit_memory": "all"}
 
 
 def with_legacy_settings(recorded: dict) -> dict:
@@ -119,6 +120,14 @@ def check_train_settings(s: TrainSettings) -> None:
         raise ProtoquantError(f"--sparsity-k (>= 1, got {s.sparsity_k}), --finetune-epochs (>= 0, got "
                               f"{s.finetune_epochs}), path points (>= 1, got {s.path_points}) and path l1 ratio "
                               f"(in (0, 1], got {s.path_l1_ratio}) are out of range")
+    if s.refit_memory not in ("auto", "all"):
+        from pipeline.data import parse_memory
+
+        try:
+            parse_memory(s.refit_memory)
+        except ProtoquantError:
+            raise ProtoquantError(f"--refit-memory {s.refit_memory!r} is not a size: write e.g. 8GB, 512MiB, "
+                                  "auto (half the free RAM) or all (every row, or refuse)") from None
     if not (0 < s.val_fraction < 1):
         raise ProtoquantError(f"--val-fraction must be in (0, 1), got {s.val_fraction}: every phase selects its "
                               "best epoch on the validation split carved from train")
@@ -424,32 +433,48 @@ def needs_finetune(settings: TrainSettings) -> bool:
 
 @torch.no_grad()
 def after_stage_b(head: nn.Module, settings: TrainSettings, train_rows: Callable[[], object],
-                  val_rows: Callable[[], object], *, device: torch.device) -> tuple[dict, dict]:
-    """In place, after stage B: push_step, then sparse_step on the head's own presence. train_rows /
-    val_rows give a fresh pass of (grid, label) batches in row order, the same on every rank.
+                  refit_train: Callable[[], object], refit_val: Callable[[], object], *,
+                  device: torch.device) -> tuple[dict, dict]:
+    """In place, after stage B: push_step over train_rows, then sparse_step on the head's own presence over
+    refit_train / refit_val (refit_rows' rows). Each gives a fresh pass of (grid, label) batches in row order,
+    the same on every rank.
     -> (push record, sparsity record); the fine-tuning that follows a cut (needs_finetune) is the caller's phase."""
     from pipeline.sparsity import presence_matrix
 
     push = push_step(head, settings, train_rows, device=device)
-    return push, sparse_step(head, settings, lambda: (presence_matrix(head, train_rows(), device=device),
-                                                      presence_matrix(head, val_rows(), device=device)))
+    return push, sparse_step(head, settings, lambda: (presence_matrix(head, refit_train(), device=device),
+                                                      presence_matrix(head, refit_val(), device=device)))
 
 
-def check_refit_memory(settings: TrainSettings, rows: int, codes: int, classes: int, *,
-                       available: int | None = None) -> None:
-    """--sparsity path refits W on the presence of every training and validation row (rows x codes x 4 bytes)
-    with (rows x classes) float64 temporaries in the solver: refuse before any training when that exceeds
-    the RAM available now (ImageNet-sized splits with thousands of codes), rather than after stage B."""
-    from pipeline.data import available_memory
+def refit_rows(settings: TrainSettings, train_rows: np.ndarray, val_rows: np.ndarray, labels: np.ndarray, *,
+               codes: int, classes: int, dist: Distributed = Distributed(), available: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """--sparsity path: the training and validation rows the refit uses, decided before any training ->
+    (train rows, val rows, record). The refit holds the presence of every row it uses (sparsity.refit_bytes);
+    when that exceeds --refit-memory (auto: half the RAM available now, the lowest over ranks) it uses a
+    stratified sample (sparsity.refit_sample); with "all" it uses every row and refuses when they do not fit."""
+    from pipeline.data import available_memory, format_bytes, parse_memory
+    from pipeline.sparsity import refit_bytes, refit_sample
 
     if settings.sparsity != "path":
-        return
-    need = rows * codes * 4 + rows * classes * 8 * 4
+        return train_rows, val_rows, {}
     free = available_memory() if available is None else available
-    if need > free:
-        raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {rows} rows x {codes} codes, "
-                              f"about {need / 2**30:.1f} GB, but {free / 2**30:.1f} GB of RAM is available: pass "
-                              "--sparsity topk (the paper's stage 2b, no presence matrix), fewer codes, or more RAM")
+    free = int(-float(dist.max(torch.tensor([-float(free)], dtype=torch.float64))))  # every rank samples alike
+    total = len(train_rows) + len(val_rows)
+    if settings.refit_memory == "all":
+        need = refit_bytes(total, codes, classes)
+        if need > free:
+            raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {total} rows x {codes} codes, "
+                                  f"about {format_bytes(need)}, but {format_bytes(free)} of RAM is available: drop "
+                                  "--refit-memory all (the refit then uses a stratified sample that fits), pass "
+                                  "--sparsity topk (the paper's stage 2b, no presence matrix), or more RAM")
+        budget = need
+    else:
+        budget = free // 2 if settings.refit_memory == "auto" else parse_memory(settings.refit_memory)
+    train, val, share = refit_sample(train_rows, val_rows, labels, codes=codes, classes=classes, budget=budget,
+                                     seed=settings.seed)
+    record = {"refit_rows": len(train) + len(val), "of_rows": total, "refit_share": round(share, 6)}
+    return train, val, record if share == 1.0 else {**record, "refit_budget_bytes": int(budget)}  # auto's budget varies
 
 
 def push_step(head: nn.Module, settings: TrainSettings, train_rows: Callable[[], object], *,

@@ -50,7 +50,7 @@ from pipeline.sparsity import presence_matrices
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
                                phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
-                               check_refit_memory)
+                               refit_rows)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -216,6 +216,7 @@ class _SeedData:
     val: FeatureSource
     train_rows: np.ndarray
     val_rows: np.ndarray
+    refit: tuple = ()  # training.refit_rows of this seed's heads: (train rows, val rows, record)
 
     def scan(self, batch_size: int = 256, rows: np.ndarray | None = None) -> FeatureSource:
         """Rows in order (the training share by default), original grids."""
@@ -239,8 +240,8 @@ class _SweepTrainer:
         self.in_ram = self.data[self.seeds[0]].train.ram is not None
         for seed in self.seeds:  # _tails holds a seed's heads' presence at once
             data = self.data[seed]
-            check_refit_memory(settings, len(data.train_rows) + len(data.val_rows),
-                               sum(spec.k for spec in specs if spec.seed == seed), len(cache.classes))
+            data.refit = refit_rows(replace(settings, seed=seed), data.train_rows, data.val_rows, cache.split("train").labels,
+                                    codes=sum(spec.k for spec in specs if spec.seed == seed), classes=len(cache.classes))
 
     def _open_data(self, split: CacheSplit) -> dict[int, _SeedData]:
         """pipeline.data.open_training_data for every seed, with the RAM rows loaded once."""
@@ -372,12 +373,15 @@ class _SweepTrainer:
             presence = {}
             if refit:
                 lane = [heads[spec.name] for spec in refit]
-                train = presence_matrices(lane, data.scan().batches(0), device=self.device)
-                val = presence_matrices(lane, data.scan(rows=data.val_rows).batches(0), device=self.device)
+                refit_train, refit_val, _ = data.refit
+                train = presence_matrices(lane, data.scan(rows=refit_train).batches(0), device=self.device)
+                val = presence_matrices(lane, data.scan(rows=refit_val).batches(0), device=self.device)
                 presence = {spec.name: (t, v) for spec, t, v in zip(refit, train, val)}
             for spec in specs:
                 records[spec.name] = sparse_step(heads[spec.name], spec.settings(base),
                                                  lambda name=spec.name: presence.pop(name))
+                if spec in refit:
+                    records[spec.name] |= data.refit[2]
         self.tails = {spec.name: (pushes[spec.name], records[spec.name]) for spec in self.specs}
 
     # --- checkpoint: like train's, one entry per model -------------------------------------------------------

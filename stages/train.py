@@ -48,7 +48,7 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_u
 from pipeline.plots import sparsity_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, check_refit_memory,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, refit_rows,
                                check_train_settings, classification_loss, code_grounding, head_phase,
                                needs_finetune, optimizer_to_artifact, with_legacy_settings,
                                phase_state_from_artifact, run_phase, state_to_tensors)
@@ -114,14 +114,15 @@ def train(
     data = open_training_data(split, val_fraction=settings.val_fraction, seed=settings.seed,
                               batch_size=settings.batch_size, max_memory=parse_memory(settings.max_memory),
                               use_views=settings.use_views, rank=dist.rank, world=dist.world)
-    check_refit_memory(settings, len(data.train_rows) + len(data.val_rows), int(codes.shape[0]), len(cache.classes))
+    refit = refit_rows(settings, data.train_rows, data.val_rows, split.labels, codes=int(codes.shape[0]),
+                       classes=len(cache.classes), dist=dist)
     on_gpu = data.ram is not None and data.ram.move_to_gpu_if_it_fits(device)
     config = _config(cache, codebook_path, codebook_meta, codes, settings, data, dist, on_gpu)
     states = _read_checkpoint(work / "checkpoint.safetensors", config) if resume else {}
     resumed = bool(states)
 
     classes = cache.classes
-    trainer = _Trainer(settings, data, device, dist, work, config, states, on_epoch)
+    trainer = _Trainer(settings, data, device, dist, work, config, states, on_epoch, refit)
     with EpochDisplay(progress and dist.is_main) as display:
         trainer.display = display
         probe = trainer.probe(cache, weights)
@@ -149,13 +150,14 @@ class _Trainer:
     """Runs the three phases in order, each resumed from its checkpointed state when there is one."""
 
     def __init__(self, settings: TrainSettings, data: TrainingData, device: torch.device, dist: Distributed,
-                 work: Path, config: dict, states: dict[str, PhaseState], on_epoch):
+                 work: Path, config: dict, states: dict[str, PhaseState], on_epoch, refit: tuple):
         self.settings, self.data, self.device, self.dist = settings, data, device, dist
+        self.refit_train, self.refit_val, refit_record = refit  # the rows the path refit uses (training.refit_rows)
         self.work, self.config, self.states, self.user_on_epoch = work, config, states, on_epoch
         self.display: EpochDisplay | None = None
         self.val_scores: dict[str, float] = {}
         self.push: dict = {"pushed": False}
-        self.sparsity: dict = {"method": settings.sparsity}
+        self.sparsity: dict = {"method": settings.sparsity, **refit_record}
         self.path_points: list[dict] = []
 
     # --- the phases ---
@@ -199,7 +201,8 @@ class _Trainer:
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
         self.val_scores["stage_b"] = self._val(head)
         self.push, sparsity = after_stage_b(head, s, lambda: self._scan(self.data.train_rows).batches(0),
-                                            lambda: self._scan(self.data.val_rows).batches(0), device=self.device)
+                                            lambda: self._scan(self.refit_train).batches(0),
+                                            lambda: self._scan(self.refit_val).batches(0), device=self.device)
         self.sparsity |= sparsity
         self.path_points = sparsity.get("curve", [])
         if needs_finetune(s):

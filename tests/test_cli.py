@@ -55,6 +55,7 @@ def cli_run(parts_store, tmp_path_factory) -> dict:
     ("--label-smoothing", "2", "[0, 1)"), ("--label-smoothing", "1", "[0, 1)"), ("--label-smoothing", "-0.1", "[0, 1)"),
     ("--val-fraction", "0", "(0, 1)"), ("--val-fraction", "1", "(0, 1)"), ("--val-fraction", "nan", "(0, 1)"),
     ("--l1-ratio", "0", "(0, 1]"), ("--l1-ratio", "1.5", "(0, 1]"), ("--l1-ratio", "nan", "(0, 1]"),
+    ("--refit-memory", "lots", "auto or all"), ("--refit-memory", "-2GB", "auto or all"),
 ])
 def test_train_refuses_bad_numbers_in_one_line(tmp_path, option, value, rule) -> None:
     result = invoke("train", tmp_path / "missing.zarr", "--codebook", tmp_path / "cb.safetensors",
@@ -63,10 +64,11 @@ def test_train_refuses_bad_numbers_in_one_line(tmp_path, option, value, rule) ->
     assert not (tmp_path / "run").exists()
 
 
-def test_sweep_refuses_a_bad_l1_ratio_in_one_line(tmp_path) -> None:
+@pytest.mark.parametrize("option, value, rule", [("--l1-ratio", "0", "(0, 1]"), ("--refit-memory", "2 potatoes", "auto or all")])
+def test_sweep_refuses_a_bad_sparsity_option_in_one_line(tmp_path, option, value, rule) -> None:
     result = invoke("sweep", tmp_path / "missing.zarr", "-c", tmp_path / "cb.safetensors", "--out", tmp_path / "s",
-                    "--l1-ratio", "0")
-    assert_one_error_line(result, "--l1-ratio", "(0, 1]", "sweep --help")
+                    option, value)
+    assert_one_error_line(result, option, rule, "sweep --help")
 
 
 def test_val_fraction_zero_says_why_it_is_refused(tmp_path) -> None:

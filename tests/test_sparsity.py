@@ -121,14 +121,54 @@ def test_neither_rule_picks_a_head_that_leaves_a_class_without_weights() -> None
     assert choose_point_by_deviance(points[:2]) == 1  # no head weighs every class: the lowest loss
 
 
-def test_a_refit_that_cannot_fit_in_ram_is_refused_before_any_training() -> None:
-    from pipeline.training import TrainSettings, check_refit_memory
+def test_a_refit_over_its_memory_takes_the_same_share_of_every_class_and_fits() -> None:
+    import numpy as np
+    from pipeline.sparsity import MIN_REFIT_ROWS_PER_CLASS, refit_bytes, refit_sample
 
-    imagenet = dict(rows=1_281_167, codes=2000, classes=1000)  # presence 9.5 GiB, the solver's (N, C) float64 38 GiB
-    with pytest.raises(ProtoquantError, match=r"1281167 rows x 2000 codes, about 47\.7 GB.*--sparsity topk"):
-        check_refit_memory(TrainSettings(), **imagenet, available=8 << 30)
-    check_refit_memory(TrainSettings(), **imagenet, available=64 << 30)  # fits
-    check_refit_memory(TrainSettings(sparsity="topk"), **imagenet, available=1 << 30)  # no presence matrix
+    labels = np.repeat([0, 1, 2], [300, 120, 30])  # unbalanced classes
+    rows = np.arange(450)
+    train, val = rows[rows % 10 != 0], rows[rows % 10 == 0]
+    per_row = refit_bytes(1, 64, 3)
+    same = refit_sample(train, val, labels, codes=64, classes=3, budget=per_row * 450, seed=0)
+    assert same[0] is train and same[1] is val and same[2] == 1.0  # fits: every row
+    budget = per_row * 150
+    sub_train, sub_val, share = refit_sample(train, val, labels, codes=64, classes=3, budget=budget, seed=0)
+    assert refit_bytes(len(sub_train) + len(sub_val), 64, 3) <= budget
+    assert share == pytest.approx((len(sub_train) + len(sub_val)) / 450) and 0.25 < share <= 1 / 3
+    assert set(sub_train) <= set(train) and set(sub_val) <= set(val) and list(sub_train) == sorted(sub_train)
+    counts = np.bincount(labels[sub_train], minlength=3)
+    assert counts[2] == MIN_REFIT_ROWS_PER_CLASS  # the small class keeps its floor (a third of 27 is 9)
+    assert counts[0] / 270 == pytest.approx(counts[1] / 108, abs=0.02)  # the same share of the others
+    again = refit_sample(train, val, labels, codes=64, classes=3, budget=budget, seed=0)
+    other = refit_sample(train, val, labels, codes=64, classes=3, budget=budget, seed=1)
+    assert np.array_equal(again[0], sub_train) and not np.array_equal(other[0], sub_train)  # seeded
+    with pytest.raises(ProtoquantError, match=r"even a sample of 10 rows per class.*--refit-memory.*--sparsity topk"):
+        refit_sample(train, val, labels, codes=64, classes=3, budget=per_row * 20, seed=0)
+
+
+def test_an_imagenet_sized_refit_is_sampled_to_its_memory_or_refused_before_training() -> None:
+    import numpy as np
+    from pipeline.sparsity import refit_bytes
+    from pipeline.training import TrainSettings, check_train_settings, refit_rows
+
+    with pytest.raises(ProtoquantError, match=r"--refit-memory 'lots' is not a size.*auto.*all"):
+        check_train_settings(TrainSettings(refit_memory="lots"))  # the library guard, before any work
+    labels = np.arange(1_281_167) % 1000
+    train, val = np.arange(1_150_000), np.arange(1_150_000, 1_281_167)  # presence 9.5 GiB, the solver's (N, C) 38 GiB
+    sub_train, sub_val, record = refit_rows(TrainSettings(), train, val, labels, codes=2000, classes=1000,
+                                            available=16 << 30)  # auto: half of it
+    assert refit_bytes(record["refit_rows"], 2000, 1000) <= 8 << 30 and record["refit_budget_bytes"] == 8 << 30
+    assert record["of_rows"] == 1_281_167 and 0.15 < record["refit_share"] < 0.17
+    assert len(sub_train) + len(sub_val) == record["refit_rows"] and np.isin(sub_val, val).all()
+    with pytest.raises(ProtoquantError, match=r"1281167 rows x 2000 codes, about 51\.2 GB.*--sparsity topk"):
+        refit_rows(TrainSettings(refit_memory="all"), train, val, labels, codes=2000, classes=1000, available=8 << 30)
+    fixed = refit_rows(TrainSettings(refit_memory="4GB"), train, val, labels, codes=2000, classes=1000, available=64 << 30)
+    assert refit_bytes(fixed[2]["refit_rows"], 2000, 1000) <= 4 * 10**9
+    everything = refit_rows(TrainSettings(refit_memory="all"), train, val, labels, codes=2000, classes=1000,
+                            available=64 << 30)
+    assert everything[0] is train and everything[2]["refit_share"] == 1.0
+    assert refit_rows(TrainSettings(sparsity="topk"), train, val, labels, codes=2000, classes=1000,
+                      available=1 << 30)[2] == {}  # no presence matrix
 
 
 def test_push_makes_every_code_a_training_patch() -> None:

@@ -67,8 +67,14 @@ def test_a_sweep_head_equals_the_head_train_gives(store, tmp_path, codebook, k, 
     assert metrics["best_epoch"] == {p: trained.metrics["best_epoch"][p] for p in ("probe", "codebook", "head")}
 
 
-def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path) -> None:
+@pytest.mark.parametrize("sampled", [False, True], ids=["every-row", "refit-sampled"])
+def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, sampled) -> None:
     refit = replace(SHORT, sparsity="path", path_points=8)
+    if sampled:  # a refit budget of half what every row needs: train and sweep take the same stratified sample
+        from pipeline.sparsity import refit_bytes
+
+        split = Cache(store["cache"]).split("train")
+        refit = replace(refit, refit_memory=str(refit_bytes(len(usable_rows(split)), 16, len(Cache(store["cache"]).classes)) // 2))
     sweep(store["cache"], store["books"][:1], tmp_path / "sweep", refit, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
     train(store["cache"], store["books"][0], tmp_path / "run", refit)
     swept = tmp_path / "sweep" / _head_name(0, 16, 0)
@@ -80,6 +86,13 @@ def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path) -> N
     assert (swept / "sparsity.svg").read_text().startswith("<svg")
     trained = read_json(tmp_path / "run" / "metrics.json", "")["val_top1"]
     assert read_json(swept / "metrics.json", "")["val_top1"]["head"] == pytest.approx(trained["head"], abs=1e-6)
+    records = [read_json(run / "metrics.json", "")["sparsity"] for run in (swept, tmp_path / "run")]
+    if sampled:
+        assert 0.4 < records[1]["refit_share"] <= 0.5 and records[1]["refit_rows"] < records[1]["of_rows"]
+        assert {k: records[0][k] for k in ("refit_share", "refit_rows", "n_val")} == \
+            {k: records[1][k] for k in ("refit_share", "refit_rows", "n_val")}
+    else:
+        assert "refit_share" in records[1] and records[1]["refit_share"] == 1.0
 
 
 def test_streamed_sweep_equals_train_for_its_first_seed(store, tmp_path) -> None:
