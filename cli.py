@@ -176,6 +176,7 @@ def _refit_memory(value: str) -> str:
     return value
 
 
+ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes; 0 = the raw cosine of the paper, the default). With --projection-dim 128 the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch; measured, its top evidence then falls on a defining part less often (README, \"A grounded head\").")]
 RefitMemoryOpt = Annotated[str, typer.Option("--refit-memory", callback=_refit_memory, help="RAM the sparse refit (--sparsity path) may hold: the presence of every training and validation row, rows x (4 K + 32 C) bytes. Above it the refit uses a stratified sample of the rows that fits (the same share of every class, at least 10 training rows each; metrics.json records the share). auto = half the RAM free when training starts; all = every row, or refuse before training.")]
 L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
@@ -343,7 +344,9 @@ def train(
     train_codes: TrainCodesOpt = True,
     l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 2e-3,
     anchor: AnchorOpt = 1.0,
-    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured, it costs 2 to 17 points of top-1 (README).")] = False,
+    projection_dim: ProjectionDimOpt = 0,
+    projection_lr: Annotated[float, learning_rate("--projection-lr", help="Learning rate of the projection (AdamW; >= 0; 0 keeps the principal directions).")] = 1e-3,
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured on the raw cosine it costs 8 to 19 points of top-1 on make-birds; with --projection-dim 128 about 1 (README, \"A grounded head\").")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     path_l1_ratio: L1RatioOpt = 0.99,
@@ -380,7 +383,7 @@ def train(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dict_weight=dict_weight, tau=tau,
-        train_codes=train_codes, l1=l1, anchor=anchor, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
+        train_codes=train_codes, l1=l1, anchor=anchor, projection_dim=projection_dim, projection_lr=projection_lr, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
         use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
         sparsity_rule=sparsity_rule, sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
         path_l1_ratio=path_l1_ratio, refit_memory=refit_memory,
@@ -451,6 +454,7 @@ def sweep(
     head_lr: HeadLrOpt = 5e-3,
     codes_lr: CodesLrOpt = 0.1,
     anchor: AnchorOpt = 1.0,
+    projection_dim: ProjectionDimOpt = 0,
     weight_decay: WeightDecayOpt = 1e-4,
     label_smoothing: LabelSmoothingOpt = 0.1,
     train_codes: TrainCodesOpt = True,
@@ -478,7 +482,7 @@ def sweep(
     settings = TrainSettings(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
-        anchor=anchor, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
+        anchor=anchor, projection_dim=projection_dim, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
         max_memory=max_memory, use_views=views, device=device, path_l1_ratio=path_l1_ratio,
         refit_memory=refit_memory)
     say = None if json_out else (lambda line: console.print(line, highlight=False))

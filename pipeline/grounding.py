@@ -137,9 +137,12 @@ class Grounding:
 
 
 def codes_digest(head: ProtoQuantHead) -> str:
-    """A short hash of the codes and which of them exist: a grounding made for others is stale."""
+    """A short hash of the codes, which of them exist and the projection: a grounding made for others is stale."""
     digest = hashlib.sha256(head.codes.detach().float().cpu().numpy().tobytes())
     digest.update(head.code_mask.cpu().numpy().tobytes())
+    if head.projection is not None:  # the patches the codes are compared with
+        for tensor in (head.projection.weight, head.projection.bias):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -161,7 +164,7 @@ def ground_codes(head: ProtoQuantHead, cache: Cache, *, split: str = "train", to
     usage = torch.zeros(n_codes, dtype=torch.long)
     n_patches = 0
     for rows, block in _usable_blocks(data, images_per_batch or _images_per_batch(head, grid)):
-        similarity = patch_cosines(torch.from_numpy(block).to(device), codes)  # (n, H*W, K)
+        similarity = patch_cosines(head.embed(torch.from_numpy(block).to(device)), codes)  # (n, H*W, K)
         best, where = similarity.max(dim=1)  # (n, K): each image's nearest patch to each code
         accumulator.update(torch.from_numpy(rows), best.cpu(), where.cpu())
         if not exists.all():
@@ -321,14 +324,23 @@ def nearest_patches(codes: torch.Tensor, batches, *, device: str | torch.device 
     return NearestPatches(best.cpu(), vectors.cpu(), patch.cpu())
 
 
+def embedded(head: ProtoQuantHead, batches):
+    """(features, labels) batches as the head's codes see them (ProtoQuantHead.embed): a projected head's
+    nearest patch is the nearest projected patch, and its push copies that projected vector."""
+    device = head.codes.device
+    for features, labels in batches:
+        yield head.embed(features.to(device)), labels
+
+
 @torch.no_grad()
 def push_codes(head: ProtoQuantHead, batches, *, device: str | torch.device = "cpu") -> dict:
-    """Replace every code by its nearest training patch, in place, so each prototype IS a training patch.
+    """Replace every code by its nearest training patch, in place, so each prototype IS a training patch
+    (with a projection: the projection of one; freeze_codes then keeps both fixed).
 
     Two codes that land on the same patch would split that patch's softmax share between them; the
     later one is removed (code_mask), the first keeps the patch. Returns what the push changed.
     """
-    nearest = nearest_patches(head.codes, batches, device=device)
+    nearest = nearest_patches(head.codes, embedded(head, batches), device=device)
     exists = head.code_mask.cpu()
     before = nearest.cosine[exists]
     head.codes.data.copy_(nearest.vectors.to(head.codes.device))

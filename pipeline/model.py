@@ -5,7 +5,8 @@ here casts them to float32 before computing.
 
     ProbeHead                     the frozen reference classifier (trained as the probe phase) (METHOD.md stage A, "Start")
     quantize, stage_a_loss        codebook learning through the frozen probe (METHOD.md stage A)
-    ProtoQuantHead                the interpretable head (METHOD.md stage B)
+    ProtoQuantHead                the interpretable head (METHOD.md stage B), optionally through a projection
+    pca_projection                the projection's start: the patches' principal directions
     top_contributions, peak_locations               explanations (METHOD.md "Explanations")
     local_size_per_class, local_size_per_image      the two published local explanation sizes
     keep_top_k_weights, drop_unused_codes, codes_in_use    pruning (METHOD.md "Pruning and editing")
@@ -115,7 +116,10 @@ class ProtoQuantHead(nn.Module):
     """Code presence -> class scores through non-negative weights (METHOD.md stage B).
 
     Buffers and parameters (all saved by save_head):
-        codes (K, D): a Parameter when train_codes, else a buffer (frozen).
+        projection (optional): a linear map D -> d (weight (d, D), bias (d,)) applied to every patch before
+            the cosine, ProtoPNet's add-on layer on frozen features; the codes then live in its d-dimensional
+            space (embed). It trains with the codes and freezes with them (freeze_codes).
+        codes (K, D), or (K, d) with a projection: a Parameter when train_codes, else a buffer (frozen).
         weight W (C, K): Parameter, initialised N(1.0, 0.1) from `seed`; used as relu(W).
         code_mask (K,) bool: True = the code exists. A removed code (remove_codes) is taken out of
             the softmax over codes, so it has zero activation and presence everywhere and the other
@@ -128,10 +132,21 @@ class ProtoQuantHead(nn.Module):
     """
 
     def __init__(
-        self, codes: torch.Tensor, num_classes: int, *, tau: float = 0.1, train_codes: bool = False, seed: int = 0
+        self, codes: torch.Tensor, num_classes: int, *, tau: float = 0.1, train_codes: bool = False, seed: int = 0,
+        projection: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
-        codes = codes.detach().float().clone()  # (K, D)
+        codes = codes.detach().float().clone()  # (K, D), or (K, d) in the projection's space
+        self.projection: nn.Linear | None = None
+        if projection is not None:
+            weight, bias = projection  # (d, D), (d,)
+            if weight.shape[0] != codes.shape[1]:
+                raise ProtoquantError(f"a projection to {weight.shape[0]} dimensions needs codes of that size, got {codes.shape[1]}")
+            self.projection = nn.Linear(weight.shape[1], weight.shape[0]).to(codes.device)
+            with torch.no_grad():
+                self.projection.weight.copy_(weight)
+                self.projection.bias.copy_(bias)
+            self.projection.requires_grad_(train_codes)
         if train_codes:
             self.codes = nn.Parameter(codes)
         else:
@@ -143,9 +158,18 @@ class ProtoQuantHead(nn.Module):
         self.tau = float(tau)
         self.train_codes = train_codes
 
+    @property
+    def feature_dim(self) -> int:
+        """D, the dimension of the cached features the head reads."""
+        return self.projection.in_features if self.projection is not None else int(self.codes.shape[1])
+
+    def embed(self, f: torch.Tensor) -> torch.Tensor:
+        """The patches as the codes see them: f itself, or its projection; (..., D) -> (..., D or d)."""
+        return f.float() if self.projection is None else self.projection(f.float())
+
     def similarity(self, f: torch.Tensor) -> torch.Tensor:
-        """S[b,k,h,w] = cos(f[b,h,w], codes[k]); (B, H, W, D) -> (B, K, H, W)."""
-        f_unit = F.normalize(f.float(), dim=-1, eps=COSINE_EPS)  # (B, H, W, D)
+        """S[b,k,h,w] = cos(embed(f)[b,h,w], codes[k]); (B, H, W, D) -> (B, K, H, W)."""
+        f_unit = F.normalize(self.embed(f), dim=-1, eps=COSINE_EPS)  # (B, H, W, D or d)
         codes_unit = F.normalize(self.codes, dim=-1, eps=COSINE_EPS)  # (K, D)
         return torch.einsum("bhwd,kd->bkhw", f_unit, codes_unit)  # METHOD.md stage B: S
 
@@ -211,6 +235,27 @@ class ProtoQuantHead(nn.Module):
         if not mask.any():
             raise ProtoquantError("removing these codes would leave the head with none: keep at least one code")
         self.code_mask.copy_(mask)
+
+
+@torch.no_grad()
+def pca_projection(batches, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection's start: the patches' top `dim` principal directions, centred -> (weight (d, D), bias (d,)),
+    d = min(dim, D). (features (B, H, W, D), labels) batches are read once (float64 sums). Each direction's
+    sign is fixed (its largest entry positive), so the same patches give the same map."""
+    total = outer = None
+    count = 0
+    for features, _ in batches:
+        x = features.double().flatten(0, 2)  # (B*H*W, D)
+        total = x.sum(dim=0) if total is None else total + x.sum(dim=0)
+        outer = x.T @ x if outer is None else outer + x.T @ x
+        count += x.shape[0]
+    if count < 2:
+        raise ProtoquantError("the projection's start needs training patches, and the training share is empty")
+    mean = total / count
+    values, vectors = torch.linalg.eigh(outer / count - torch.outer(mean, mean))  # ascending
+    top = vectors[:, values.argsort(descending=True)[:dim]]  # (D, d)
+    top = top * top.gather(0, top.abs().argmax(dim=0, keepdim=True)).sign()
+    return top.T.float().contiguous(), (-(mean @ top)).float()
 
 
 def peak_locations(activation: torch.Tensor) -> torch.Tensor:
@@ -363,11 +408,13 @@ def mixup(
 # --- storage -----------------------------------------------------------------------------------------
 
 def save_head(path: str | Path, head: ProtoQuantHead, *, classes: list[str], meta: dict) -> None:
-    """Save codes, weight and code_mask as safetensors; classes, tau, train_codes and meta as JSON."""
+    """Save codes, weight, code_mask (and the projection) as safetensors; classes, tau, train_codes and meta as JSON."""
     if len(classes) != head.weight.shape[0]:
         raise ProtoquantError(f"saving head {path}: {len(classes)} class names for {head.weight.shape[0]} "
                               f"classes: pass the cache's class names")
     tensors = {"codes": head.codes, "weight": head.weight, "code_mask": head.code_mask}
+    if head.projection is not None:
+        tensors |= {"projection.weight": head.projection.weight, "projection.bias": head.projection.bias}
     fields = {"classes": list(classes), "tau": head.tau, "train_codes": head.train_codes, "meta": meta}
     write_artifact(path, tensors, kind="head", fields=fields)
 
@@ -376,9 +423,13 @@ def load_head(path: str | Path) -> tuple[ProtoQuantHead, list[str], dict]:
     """Load a head written by save_head -> (head on the CPU, class names, meta); bit-exact."""
     tensors, fields = read_artifact(path, kind="head")
     _require(tensors, ("codes", "weight", "code_mask"), "head", path)
+    projection = None
+    if "projection.weight" in tensors:
+        _require(tensors, ("projection.bias",), "head", path)
+        projection = (tensors["projection.weight"], tensors["projection.bias"])
     head = ProtoQuantHead(tensors["codes"], len(fields["classes"]), tau=fields["tau"],
-                          train_codes=fields["train_codes"])
-    head.load_state_dict({name: tensors[name] for name in ("codes", "weight", "code_mask")})
+                          train_codes=fields["train_codes"], projection=projection)
+    head.load_state_dict({name: tensors[name] for name in head.state_dict()})
     return head, fields["classes"], fields.get("meta", {})
 
 

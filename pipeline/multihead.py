@@ -203,15 +203,17 @@ def accuracies(sources: list[FeatureSource], models: list[list[tuple[str, Classi
 
 
 @torch.no_grad()
-def grounding_together(sources: list[FeatureSource], codes: list[list[tuple[str, torch.Tensor]]], *,
+def grounding_together(sources: list[FeatureSource], heads: list[list[tuple[str, ProtoQuantHead]]], *,
                        device: torch.device) -> dict[str, torch.Tensor]:
-    """(K,) highest cosine between each code and any patch of its source, for many codebooks in one pass
-    (pipeline.training.code_grounding, shared reads)."""
-    units = {key: F.normalize(c.detach().float().to(device), dim=1) for group in codes for key, c in group}
+    """(K,) highest cosine between each head's codes and any patch of its source as that head sees patches,
+    for many heads in one pass (pipeline.training.code_grounding, shared reads)."""
+    units = {key: F.normalize(h.codes.detach().float().to(device), dim=1) for group in heads for key, h in group}
     best = {key: torch.full((u.shape[0],), -1.0, device=device) for key, u in units.items()}
     for i, (features, _) in shared_batches(sources, 0):
-        patches = F.normalize(features.to(device).flatten(0, 2), dim=1)  # (B*H*W, D)
-        for key, _ in codes[i]:
+        raw = features.to(device)
+        plain = F.normalize(raw.flatten(0, 2), dim=1)  # (B*H*W, D)
+        for key, head in heads[i]:
+            patches = plain if head.projection is None else F.normalize(head.embed(raw).flatten(0, 2), dim=1)
             best[key] = torch.maximum(best[key], (patches @ units[key].T).amax(dim=0))
     return {key: value.cpu() for key, value in best.items()}
 
@@ -219,7 +221,10 @@ def grounding_together(sources: list[FeatureSource], codes: list[list[tuple[str,
 # --- stage B for many heads at once --------------------------------------------------------------------------
 
 def stacked_similarities(heads: list[ProtoQuantHead], f: torch.Tensor) -> list[torch.Tensor]:
-    """Every head's S (B, K, H, W) for one grid batch f (B, H, W, D), through ONE similarity product."""
+    """Every head's S (B, K, H, W) for one grid batch f (B, H, W, D), through ONE similarity product (heads
+    with a projection each see their own projected patches, so each takes its own product)."""
+    if any(h.projection is not None for h in heads):
+        return [h.similarity(f) for h in heads]
     f_unit = F.normalize(f.float(), dim=-1, eps=COSINE_EPS)  # (B, H, W, D), once for all heads
     units = torch.cat([F.normalize(h.codes, dim=-1, eps=COSINE_EPS) for h in heads])  # (sum K, D)
     similarity = torch.einsum("bhwd,kd->bkhw", f_unit, units)  # (B, sum K, H, W)

@@ -219,8 +219,8 @@ def open_run(path: str | Path) -> Run:
 
 def check_run_matches_cache(run: Run, cache) -> None:
     """Refuse a cache other than the run's (fingerprint) or one of another feature dimension."""
-    if cache.dim != run.head.codes.shape[1]:
-        raise ProtoquantError(f"run {run.path} works on {run.head.codes.shape[1]}-dimensional features but cache "
+    if cache.dim != run.head.feature_dim:
+        raise ProtoquantError(f"run {run.path} works on {run.head.feature_dim}-dimensional features but cache "
                               f"{cache.path} holds {cache.dim}-dimensional ones: use the cache the run was trained on")
     if run.cache_fingerprint != cache.fingerprint:
         raise ProtoquantError(f"run {run.path} was trained on the cache with fingerprint {run.cache_fingerprint[:12]}..., "

@@ -8,6 +8,7 @@
     Phase, run_phase              one training phase (probe, stage A, stage B): epochs, selection on
                                   validation, a resumable PhaseState after every epoch; a non-finite
                                   loss stops it with a named error
+    stage_b_head                  the stage B head; projection_rows / projection_start: its projection's start
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
     after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train's
     push_step, sparse_step        its two halves: the sweep calls them around its shared presence pass
@@ -59,6 +60,11 @@ class TrainSettings:
     train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
     l1: float = 2e-3                  # L1 on relu(W), per weight
     anchor: float = 1.0               # stage B: pull of each code toward its best-matching patch in the batch
+    projection_dim: int = 0           # stage B: patches and codes through a learned linear map to this many
+                                      # dimensions (ProtoPNet's add-on layer); 0 = the raw cosine, as in the paper.
+                                      # 128 with ground: grounding 1.0 at about 1 point of top-1, but less evidence
+                                      # on defining parts (README, "A grounded head")
+    projection_lr: float = 1e-3       # its learning rate (AdamW); it starts as the patches' top principal directions
     mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
     val_fraction: float = 0.1
     seed: int = 0
@@ -67,8 +73,9 @@ class TrainSettings:
     use_backbone_head: bool = False
     device: str = "auto"
     # After stage B (pipeline/sparsity.py, pipeline/grounding.py push_codes):
-    ground: bool = False              # push: every code becomes its nearest training patch (grounding 1.0);
-                                      # off by default: measured, it costs 8-19 points of top-1 on make-birds (README)
+    ground: bool = False              # push: every code becomes its nearest training patch (grounding 1.0); off by
+                                      # default: on the raw cosine it costs 8-19 points of top-1 on make-birds, with
+                                      # projection_dim 128 about 1 (README)
     sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
     sparsity_rule: str = "deviance"   # path: how the point is chosen (pipeline/sparsity.py RULES)
     sparsity_tolerance: float = 0.01  # path, rule accuracy: the sparsest head within this of the best val top-1
@@ -84,7 +91,8 @@ SPARSITY_METHODS = ("path", "topk", "none")
 
 # What a run recorded before a setting existed did instead: a replay, a resume or a prune of an older run
 # keeps its method rather than silently taking today's default.
-LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False, "refit_memory": "all"}
+LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False, "refit_memory": "all",
+                   "projection_dim": 0}
 
 
 def with_legacy_settings(recorded: dict) -> dict:
@@ -100,10 +108,12 @@ def check_train_settings(s: TrainSettings) -> None:
     if s.batch_size < 1:
         raise ProtoquantError(f"--batch-size must be at least 1, got {s.batch_size}")
     for name in ("probe_lr", "codebook_lr", "head_lr", "codes_lr", "weight_decay", "warmup_epochs", "dict_weight",
-                 "l1", "anchor", "mixup"):
+                 "l1", "anchor", "mixup", "projection_lr"):
         value = getattr(s, name)
         if not math.isfinite(value) or value < 0:
             raise ProtoquantError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if s.projection_dim < 0:
+        raise ProtoquantError(f"--projection-dim must be 0 (no projection) or more, got {s.projection_dim}")
     if not (math.isfinite(s.tau) and s.tau > 0):
         raise ProtoquantError(f"--tau must be a finite number > 0, got {s.tau}")
     if not (0 <= s.label_smoothing < 1):
@@ -238,17 +248,18 @@ def accuracy(classify: Callable[[torch.Tensor], torch.Tensor], source: FeatureSo
 
 
 @torch.no_grad()
-def code_grounding(codes: torch.Tensor, source: FeatureSource, *, device: torch.device,
+@torch.no_grad()
+def code_grounding(head: nn.Module, source: FeatureSource, *, device: torch.device,
                    dist: Distributed = Distributed()) -> torch.Tensor:
-    """(K,) the highest cosine between each code and any patch of the source (1.0: it is a real patch).
-
-    Stage B may train the codes with nothing holding them to the data (METHOD.md stage B); this says
-    how far they went. Max over ranks under torchrun.
+    """(K,) the highest cosine between each code and any patch of the source, as the head sees patches
+    (ProtoQuantHead.embed; 1.0: the code is a real patch). Stage B may train the codes with nothing holding
+    them to the data (METHOD.md stage B); this says how far they went. Max over ranks under torchrun.
     """
-    unit = torch.nn.functional.normalize(codes.detach().float().to(device), dim=1)  # (K, D)
+    codes = head.codes
+    unit = torch.nn.functional.normalize(codes.detach().float().to(device), dim=1)  # (K, D or d)
     best = torch.full((codes.shape[0],), -1.0, device=device)
     for features, _ in source.batches(0):
-        patches = torch.nn.functional.normalize(features.to(device).flatten(0, 2), dim=1)  # (B*H*W, D)
+        patches = torch.nn.functional.normalize(head.embed(features.to(device)).flatten(0, 2), dim=1)  # (B*H*W, D or d)
         best = torch.maximum(best, (patches @ unit.T).amax(dim=0))  # (B*H*W, K) -> (K,)
     if dist.world > 1:
         best = best.to(dist.device)
@@ -405,6 +416,40 @@ def phase_state_from_artifact(name: str, meta: dict, tensors: dict[str, torch.Te
 
 # --- stage B as a phase -----------------------------------------------------------------------------------
 
+PROJECTION_SAMPLE_PATCHES = 200_000  # the projection's principal directions come from at most this many patches
+
+
+def projection_rows(train_rows: np.ndarray, cells: int, seed: int) -> np.ndarray:
+    """The training rows whose patches start the projection: all, or a seeded sample of
+    PROJECTION_SAMPLE_PATCHES / cells of them, in row order."""
+    n = max(1, PROJECTION_SAMPLE_PATCHES // max(cells, 1))
+    if len(train_rows) <= n:
+        return train_rows
+    return np.sort(np.random.default_rng([seed, 0x9CA]).choice(train_rows, size=n, replace=False))
+
+
+def projection_start(settings: TrainSettings, sample: Callable[[], object]) -> tuple | None:
+    """With --projection-dim: the principal directions of `sample()`'s patches (projection_rows), the
+    projection's start (model.pca_projection); None without one."""
+    from pipeline.model import pca_projection
+
+    return pca_projection(sample(), settings.projection_dim) if settings.projection_dim > 0 else None
+
+
+def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings, projection: tuple | None, *,
+                 device: torch.device) -> nn.Module:
+    """Stage B's head on the stage A codes (train and sweep); with a projection (projection_start) the codes
+    start as their projections."""
+    from pipeline.model import ProtoQuantHead
+
+    s = settings
+    if projection is not None:
+        projection = tuple(t.to(device) for t in projection)
+        codes = codes.to(device).float() @ projection[0].T + projection[1]  # (K, D) -> (K, d)
+    return ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
+                          projection=projection).to(device)
+
+
 def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int, val: FeatureSource,
                device: torch.device, dist: Distributed) -> Phase:
     """Stage B (also prune's fine-tuning): W with AdamW, codes too with train_codes; selected on val top-1."""
@@ -416,6 +461,8 @@ def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int,
         # a relative rate: the same setting suits backbones whose features differ in scale
         rms = float(head.codes.detach().pow(2).mean().sqrt())
         groups.append({"params": [head.codes], "lr": s.codes_lr * rms, "weight_decay": 0.0})
+        if head.projection is not None:
+            groups.append({"params": list(head.projection.parameters()), "lr": s.projection_lr, "weight_decay": 0.0})
     loss = stage_b_loss(head, s, dist)
 
     def validate() -> dict:
@@ -515,4 +562,6 @@ def freeze_codes(head: nn.Module) -> None:
     codes = head.codes.detach().clone()
     del head.codes
     head.register_buffer("codes", codes)
+    if head.projection is not None:
+        head.projection.requires_grad_(False)
     head.train_codes = False

@@ -70,9 +70,9 @@ def predict(run_path: str | Path, images: list[str | Path], *, cache: str | Path
     where = resolve_device(device)
     provenance = _provenance(run, cache)
     model = ImageModel.for_cache(provenance, run.head, weights=weights, device=where)
-    if model.backbone.dim != model.head.codes.shape[1]:
+    if model.backbone.dim != model.head.feature_dim:
         raise ProtoquantError(f"the backbone gives {model.backbone.dim}-dimensional features but run {run_path} "
-                              f"expects {model.head.codes.shape[1]}: pass the cache the run was trained on with --cache")
+                              f"expects {model.head.feature_dim}: pass the cache the run was trained on with --cache")
     preprocessing = Preprocessing.from_provenance(provenance, crop_to_box=False)
     results = []
     for start in range(0, len(paths), batch_size):

@@ -50,7 +50,7 @@ from pipeline.sparsity import presence_matrices
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
                                phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
-                               refit_rows)
+                               refit_rows, projection_rows, projection_start, stage_b_head)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -269,7 +269,7 @@ class _SweepTrainer:
         heads = self._head_round(codes)
         self.grounding = grounding_together(
             [self.data[seed].scan() for seed in self.seeds],
-            [[(spec.name, heads[spec.name].codes) for spec in self.specs if spec.seed == seed] for seed in self.seeds],
+            [[(spec.name, heads[spec.name]) for spec in self.specs if spec.seed == seed] for seed in self.seeds],
             device=self.device)
         return heads, probes, codes
 
@@ -339,12 +339,14 @@ class _SweepTrainer:
         heads, lanes = {}, []
         for seed in self.seeds:
             data, members, lane_heads, l1, anchor = self.data[seed], [], [], [], []
+            cells = data.train.split.features.shape[1] * data.train.split.features.shape[2]
+            sample = projection_rows(data.train_rows, cells, seed)
+            projection = projection_start(base, lambda: data.scan(rows=sample).batches(0))  # one per seed
             for i, spec in enumerate(self.specs):
                 if spec.seed != seed:
                     continue
                 s = spec.settings(base)
-                head = ProtoQuantHead(codes[(seed, spec.codebook)], n_classes, tau=s.tau, train_codes=s.train_codes,
-                                      seed=s.seed).to(self.device)
+                head = stage_b_head(codes[(seed, spec.codebook)], n_classes, s, projection, device=self.device)
                 phase = head_phase("head", head, s, s.epochs, data.val, self.device, Distributed(device=self.device))
                 members.append(Member(f"head{i}", phase, head, _codes_in_use_of(head)))
                 lane_heads.append(head)

@@ -48,7 +48,7 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_u
 from pipeline.plots import sparsity_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, refit_rows,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, projection_rows, projection_start, refit_rows, stage_b_head,
                                check_train_settings, classification_loss, code_grounding, head_phase,
                                needs_finetune, optimizer_to_artifact, with_legacy_settings,
                                phase_state_from_artifact, run_phase, state_to_tensors)
@@ -197,7 +197,10 @@ class _Trainer:
     def head(self, codes: torch.Tensor, num_classes: int) -> ProtoQuantHead:
         """Stage B: the interpretable head on the stage A codes."""
         s = self.settings
-        head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed).to(self.device)
+        cells = self.data.train.split.features.shape[1] * self.data.train.split.features.shape[2]
+        sample = projection_rows(self.data.train_rows, cells, s.seed)
+        projection = projection_start(s, lambda: self._scan(sample).batches(0))
+        head = stage_b_head(codes, num_classes, s, projection, device=self.device)
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
         self.val_scores["stage_b"] = self._val(head)
         self.push, sparsity = after_stage_b(head, s, lambda: self._scan(self.data.train_rows).batches(0),
@@ -278,7 +281,7 @@ class _Trainer:
         best = {name: self.states[name].best_epoch for name in PHASES if name in self.states}
         seconds = {name: round(sum(r["seconds"] for r in self.states[name].history), 3)
                    for name in PHASES if name in self.states}
-        grounding = code_grounding(head.codes, self.data.scan(self.data.train_rows), device=self.device, dist=self.dist)
+        grounding = code_grounding(head, self.data.scan(self.data.train_rows), device=self.device, dist=self.dist)
         in_use = codes_in_use(head).cpu()
         return {
             "val_top1": {"probe": self.val_scores.get("probe"), "quantized_probe": self.val_scores.get("quantized_probe"),

@@ -56,6 +56,7 @@ def cli_run(parts_store, tmp_path_factory) -> dict:
     ("--val-fraction", "0", "(0, 1)"), ("--val-fraction", "1", "(0, 1)"), ("--val-fraction", "nan", "(0, 1)"),
     ("--l1-ratio", "0", "(0, 1]"), ("--l1-ratio", "1.5", "(0, 1]"), ("--l1-ratio", "nan", "(0, 1]"),
     ("--refit-memory", "lots", "auto or all"), ("--refit-memory", "-2GB", "auto or all"),
+    ("--projection-dim", "-1", "greater than or equal to 0"), ("--projection-lr", "-1", "a negative rate"),
 ])
 def test_train_refuses_bad_numbers_in_one_line(tmp_path, option, value, rule) -> None:
     result = invoke("train", tmp_path / "missing.zarr", "--codebook", tmp_path / "cb.safetensors",

@@ -23,6 +23,7 @@ from pipeline.model import (
     load_probe,
     local_explanation_size,
     mixup,
+    pca_projection,
     peak_locations,
     prune_top_k_per_class,
     quantize,
@@ -284,6 +285,37 @@ def test_mixup_is_a_seeded_convex_combination() -> None:
     assert torch.allclose(f_mix, lam * f.float() + (1 - lam) * f.float()[partner])
 
 
+def test_a_projected_head_compares_projected_patches_with_its_codes() -> None:
+    weight, bias = torch.randn(3, 4, generator=seeded(2)), torch.randn(3, generator=seeded(3))  # D = 4 -> d = 3
+    codes = torch.randn(5, 3, generator=seeded(4))
+    head = ProtoQuantHead(codes, 2, projection=(weight, bias))
+    f = axis_grid()
+    by_hand = F.cosine_similarity((f.float() @ weight.T + bias)[:, None], codes[None, :, None, None], dim=-1)
+    assert torch.allclose(head.similarity(f), by_hand, atol=1e-6)  # (B, K, H, W)
+    assert head.feature_dim == 4 and head.embed(f).shape == (1, 2, 2, 3)
+    assert not head.projection.weight.requires_grad  # frozen codes, frozen projection
+    assert ProtoQuantHead(codes, 2, projection=(weight, bias), train_codes=True).projection.weight.requires_grad
+    with pytest.raises(ProtoquantError, match="projection to 3 dimensions needs codes of that size"):
+        ProtoQuantHead(torch.randn(5, 4), 2, projection=(weight, bias))
+
+
+def test_the_projection_starts_as_the_centred_principal_directions() -> None:
+    rng = np.random.default_rng(0)
+    scale = np.array([5.0, 0.1, 2.0, 0.5])  # variance along e0 > e2 > e3 > e1
+    x = rng.normal(size=(4000, 4)) * scale + np.array([1.0, -2.0, 3.0, 0.0])
+    batches = [(torch.from_numpy(x[i:i + 1000].reshape(10, 10, 10, 4)).float(), torch.zeros(10)) for i in range(0, 4000, 1000)]
+    weight, bias = pca_projection(batches, 2)
+    assert weight.shape == (2, 4) and bias.shape == (2,)
+    assert torch.allclose(weight.abs(), torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0]]), atol=0.02)
+    assert float(weight[0, 0]) > 0 and float(weight[1, 2]) > 0  # signs fixed: the largest entry positive
+    projected = torch.from_numpy(x).float() @ weight.T + bias
+    assert torch.allclose(projected.mean(dim=0), torch.zeros(2), atol=1e-3)  # centred
+    assert torch.allclose(projected.std(dim=0), torch.tensor([5.0, 2.0]), rtol=0.05)
+    again = pca_projection(batches, 2)
+    assert torch.equal(again[0], weight) and torch.equal(again[1], bias)
+    assert pca_projection(batches, 9)[0].shape == (4, 4)  # at most D directions
+
+
 # --- storage -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("train_codes", [False, True])
@@ -300,6 +332,14 @@ def test_head_round_trip_is_bit_exact(tmp_path: Path, train_codes: bool) -> None
         assert torch.equal(getattr(loaded, name), getattr(head, name))
     f = torch.randn(2, 2, 2, 5, generator=seeded(1))
     assert torch.equal(loaded(f), head(f))
+    projected = ProtoQuantHead(torch.randn(6, 3, generator=seeded(5)), num_classes=3, train_codes=train_codes,
+                               projection=(torch.randn(3, 5, generator=seeded(6)), torch.randn(3, generator=seeded(7))))
+    save_head(tmp_path / "projected.safetensors", projected, classes=["owl", "cat", "dog"], meta={})
+    loaded, _, _ = load_head(tmp_path / "projected.safetensors")
+    assert torch.equal(loaded.projection.weight, projected.projection.weight)
+    assert torch.equal(loaded.projection.bias, projected.projection.bias) and loaded.feature_dim == 5
+    assert torch.equal(loaded(f), projected(f))
+    assert loaded.projection.weight.requires_grad is train_codes
     with pytest.raises(ProtoquantError, match="4 class names for 3 classes"):
         save_head(tmp_path / "bad.safetensors", head, classes=["a", "b", "c", "d"], meta={})
 

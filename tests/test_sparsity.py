@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.errors import ProtoquantError
 from pipeline.grounding import nearest_patches, push_codes
@@ -184,9 +185,27 @@ def test_push_makes_every_code_a_training_patch() -> None:
     patches = features.flatten(0, 2)  # (108, 32)
     for code, where in zip(head.codes, before.patch.tolist()):
         assert torch.equal(code, patches[where])  # the code IS that training patch
-    grounding = code_grounding(head.codes, _Batches(batches), device=torch.device("cpu"))
+    grounding = code_grounding(head, _Batches(batches), device=torch.device("cpu"))
     assert torch.allclose(grounding, torch.ones(6), atol=1e-6)
     assert report["duplicates_removed"] == 0 and report["mean_cosine_before"] == pytest.approx(float(before.cosine.mean()))
+
+
+def test_a_projected_head_is_pushed_onto_projected_training_patches_and_stays_there() -> None:
+    from pipeline.training import freeze_codes
+
+    generator = torch.Generator().manual_seed(2)
+    features = torch.randn(12, 3, 3, 32, generator=generator)
+    weight, bias = torch.randn(8, 32, generator=generator), torch.randn(8, generator=generator)  # D = 32 -> d = 8
+    head = ProtoQuantHead(torch.randn(6, 8, generator=generator), 2, projection=(weight, bias), train_codes=True)
+    batches = [(features[i:i + 5], torch.zeros(len(features[i:i + 5]), dtype=torch.long)) for i in range(0, 12, 5)]
+    projected = features.flatten(0, 2) @ weight.T + bias  # (108, 8): the patches as the codes see them
+    expected = F.normalize(head.codes.detach(), dim=1) @ F.normalize(projected, dim=1).T  # (6, 108)
+    push_codes(head, batches)
+    freeze_codes(head)
+    for code, where in zip(head.codes, expected.argmax(dim=1).tolist()):
+        assert torch.allclose(code, projected[where], atol=1e-5)  # the code IS that patch's projection
+    assert torch.allclose(code_grounding(head, _Batches(batches), device=torch.device("cpu")), torch.ones(6), atol=1e-5)
+    assert not head.projection.weight.requires_grad and not head.projection.bias.requires_grad  # frozen with the codes
 
 
 def test_two_codes_on_one_patch_keep_one() -> None:

@@ -67,6 +67,19 @@ def test_a_sweep_head_equals_the_head_train_gives(store, tmp_path, codebook, k, 
     assert metrics["best_epoch"] == {p: trained.metrics["best_epoch"][p] for p in ("probe", "codebook", "head")}
 
 
+def test_a_projected_sweep_head_equals_the_head_train_gives(store, tmp_path) -> None:
+    projected = replace(SHORT, projection_dim=12)  # each head takes its own similarity product and grounding
+    sweep(store["cache"], store["books"], tmp_path / "sweep", projected, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
+    train(store["cache"], store["books"][1], tmp_path / "run", projected)
+    swept = tmp_path / "sweep" / _head_name(1, 8, 0)
+    _assert_same_run(swept, tmp_path / "run")
+    heads = [load_head(run / "head.safetensors")[0] for run in (swept, tmp_path / "run")]
+    torch.testing.assert_close(heads[0].projection.weight, heads[1].projection.weight, atol=TOLERANCE, rtol=0)
+    assert heads[0].codes.shape == (8, 12)
+    groundings = [read_json(run / "metrics.json", "")["grounding"]["mean_max_cosine_in_use"] for run in (swept, tmp_path / "run")]
+    assert groundings[0] == pytest.approx(groundings[1], abs=1e-5)
+
+
 @pytest.mark.parametrize("sampled", [False, True], ids=["every-row", "refit-sampled"])
 def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, sampled) -> None:
     refit = replace(SHORT, sparsity="path", path_points=8)

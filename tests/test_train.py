@@ -364,14 +364,25 @@ def test_default_head_is_sparse_and_the_chosen_point_obeys_its_rule(parts, tmp_p
     assert (tmp_path / "run" / "sparsity.svg").read_text().startswith("<svg")
 
 
-def test_ground_pushes_every_code_onto_a_training_patch_before_the_refit(parts, tmp_path) -> None:
-    train(parts["cache"], parts["codebook"], tmp_path / "run", replace(FAST, epochs=4, path_points=12, ground=True))
+@pytest.mark.parametrize("projection_dim", [0, 24], ids=["raw", "projected"])
+def test_ground_pushes_every_code_onto_a_training_patch_before_the_refit(parts, tmp_path, projection_dim) -> None:
+    settings = replace(FAST, epochs=4, path_points=12, ground=True, projection_dim=projection_dim)
+    train(parts["cache"], parts["codebook"], tmp_path / "run", settings)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     grounding = metrics["grounding"]
     assert grounding["pushed"] and grounding["mean_max_cosine_in_use"] >= 1 - 1e-5  # every code is a real patch
     assert grounding["mean_cosine_before"] < grounding["mean_max_cosine_in_use"]  # stage B had moved them off
     head, _, _ = load_head(tmp_path / "run" / "head.safetensors")
     assert not head.train_codes and len(metrics["sparsity"]["curve"]) == 12  # frozen patches, then the path
+    if projection_dim:  # each code is a training patch's projection, and the projection is the head's own
+        assert head.codes.shape[1] == 24 and head.feature_dim == Cache(parts["cache"]).dim
+        split = Cache(parts["cache"]).split("train")
+        grids = torch.from_numpy(split.features[:].astype(np.float32))[torch.from_numpy(usable_rows(split))]
+        patches = head.embed(grids.flatten(0, 2))  # (N*H*W, 24), the usable rows' (the skipped one holds no features)
+        distance = torch.cdist(head.codes[head.code_mask], patches, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        assert float(distance.max()) < 1e-4 * float(patches.norm(dim=1).mean())
+    else:
+        assert head.projection is None
 
 
 def test_the_anchor_keeps_trained_codes_nearer_real_patches(parts, tmp_path) -> None:
