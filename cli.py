@@ -170,13 +170,26 @@ def _refit_memory(value: str) -> str:
 
     if value not in ("auto", "all"):
         try:
-            parse_memory(value)
+            size = parse_memory(value)
         except Exception:
-            raise typer.BadParameter(f"got {value!r}; write a size (e.g. 8GB, 512MiB), auto or all") from None
+            size = 0
+        if size <= 0:
+            raise typer.BadParameter(f"got {value!r}; write a size above 0 (e.g. 8GB, 512MiB), auto or all") from None
     return value
 
 
-ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes; 0 = the raw cosine of the paper, the default). With --projection-dim 128 the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch; measured, its top evidence then falls on a defining part less often (README, \"A grounded head\").")]
+def refit_note(sparsity: dict, settings_text: str) -> str | None:
+    """The line train and sweep print when the sparse refit used a sample (training.refit_rows' record)."""
+    if sparsity.get("refit_share", 1.0) >= 1.0:
+        return None
+    from pipeline.data import format_bytes
+
+    return (f"note: the sparse refit used a stratified {sparsity['refit_share']:.1%} of the rows "
+            f"({sparsity['refit_rows']} of {sparsity['of_rows']}) to stay within --refit-memory {settings_text} "
+            f"({format_bytes(sparsity['refit_budget_bytes'])})")
+
+
+ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes; 0 = the raw cosine of the paper, the default). With --projection-dim 64 the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch; measured, its top evidence then falls on a defining part less often (README, \"A grounded head\").")]
 RefitMemoryOpt = Annotated[str, typer.Option("--refit-memory", callback=_refit_memory, help="RAM the sparse refit (--sparsity path) may hold: the presence of every training and validation row, rows x (4 K + 32 C) bytes. Above it the refit uses a stratified sample of the rows that fits (the same share of every class, at least 10 training rows each; metrics.json records the share). auto = half the RAM free when training starts; all = every row, or refuse before training.")]
 L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
@@ -346,7 +359,7 @@ def train(
     anchor: AnchorOpt = 1.0,
     projection_dim: ProjectionDimOpt = 0,
     projection_lr: Annotated[float, learning_rate("--projection-lr", help="Learning rate of the projection (AdamW; >= 0; 0 keeps the principal directions).")] = 1e-3,
-    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured on the raw cosine it costs 8 to 19 points of top-1 on make-birds; with --projection-dim 128 about 1 (README, \"A grounded head\").")] = False,
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured on the raw cosine it costs 8 to 19 points of top-1 on make-birds; with --projection-dim 64 about 1 (README, \"A grounded head\").")] = False,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     path_l1_ratio: L1RatioOpt = 0.99,
@@ -407,13 +420,9 @@ def train(
                       f"codes in use; {size['mean']:.1f} weights > 0.1 per class (max {size['max']}); grounding "
                       f"{grounding['mean_max_cosine_in_use']:.3f}; {result.metrics['seconds']:.0f} s -> {result.path}",
                       highlight=False, soft_wrap=True)
-    sparse = result.metrics["sparsity"]
-    if sparse.get("refit_share", 1.0) < 1.0:
-        from pipeline.data import format_bytes
-
-        console.print(f"note: the sparse refit used a stratified {sparse['refit_share']:.1%} of the rows "
-                      f"({sparse['refit_rows']} of {sparse['of_rows']}) to stay within --refit-memory "
-                      f"{format_bytes(sparse['refit_budget_bytes'])}", highlight=False, soft_wrap=True)
+    note = refit_note(result.metrics["sparsity"], refit_memory)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)
     console.print(f"Next: protoquant evaluate {result.path}", highlight=False, soft_wrap=True)
 
 
@@ -492,6 +501,12 @@ def sweep(
         print_json({"path": str(result.path), "resumed": result.resumed, "seconds": result.seconds, "heads": result.rows})
         return
     _print_sweep(result)
+    from pipeline.io import read_json
+
+    for row in result.rows:  # a seed's heads share one sample (sized for all of them): one line per head that used one
+        note = refit_note(read_json(result.path / row["name"] / "metrics.json", "").get("sparsity", {}), refit_memory)
+        if note:
+            console.print(f"{row['name']}: {note}", highlight=False, soft_wrap=True)
     console.print(f"Next: open {result.index}, or protoquant evaluate {result.path / result.rows[0]['name']}",
                   highlight=False, soft_wrap=True)
 

@@ -362,34 +362,49 @@ def refit_bytes(rows: int, codes: int, classes: int) -> int:
 
 def refit_sample(train_rows: np.ndarray, val_rows: np.ndarray, labels: np.ndarray, *, codes: int, classes: int,
                  budget: int, seed: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """The rows the path refit uses -> (train rows, val rows, share): every row when their refit_bytes fit
-    `budget`, else the same share of each class of train and of val (seeded, at least
-    MIN_REFIT_ROWS_PER_CLASS training rows per class, rows kept in order). Raises when even that does not fit."""
+    """The rows the path refit uses -> (train rows, val rows, share of all rows): every row when their
+    refit_bytes fit `budget`, else the largest equal share of each class of train and of val that fits
+    (at least MIN_REFIT_ROWS_PER_CLASS training rows and 1 validation row per class; seeded; rows kept in
+    order). Raises when even those floors do not fit."""
     total = len(train_rows) + len(val_rows)
-    share = min(1.0, budget / max(refit_bytes(total, codes, classes), 1))
-    if share >= 1.0:
+    if refit_bytes(total, codes, classes) <= budget:
         return train_rows, val_rows, 1.0
-    for _ in range(8):  # rounding up per class and the floor can overshoot: shrink the share until it fits
-        rng = np.random.default_rng([seed, 0x5EF17])
-        train = _stratified(train_rows, labels, share, rng, floor=MIN_REFIT_ROWS_PER_CLASS)
-        val = _stratified(val_rows, labels, share, rng, floor=1)
-        need = refit_bytes(len(train) + len(val), codes, classes)
-        if need <= budget:
-            return train, val, (len(train) + len(val)) / total
-        share *= 0.98 * budget / need
-    raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {total} rows x {codes} codes, "
-                          f"and even a sample of {MIN_REFIT_ROWS_PER_CLASS} rows per class needs {format_bytes(need)} of "
-                          f"--refit-memory's {format_bytes(budget)}: raise --refit-memory, or pass --sparsity topk "
-                          "(the paper's stage 2b, no presence matrix)")
+    train_sizes = _class_sizes(train_rows, labels)
+    val_sizes = _class_sizes(val_rows, labels)
+
+    def rows_at(share: float) -> int:
+        return (_kept(train_sizes, share, MIN_REFIT_ROWS_PER_CLASS).sum() + _kept(val_sizes, share, 1).sum())
+
+    floor = refit_bytes(int(rows_at(0.0)), codes, classes)
+    if floor > budget:
+        raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {total} rows x {codes} codes, "
+                              f"and even {MIN_REFIT_ROWS_PER_CLASS} rows per class need {format_bytes(floor)} of "
+                              f"--refit-memory's {format_bytes(budget)}: raise --refit-memory, or pass --sparsity topk "
+                              "(the paper's stage 2b, no presence matrix)")
+    low, high = 0.0, 1.0  # rows_at grows with the share: the largest share whose rows fit, by bisection
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (middle, high) if refit_bytes(int(rows_at(middle)), codes, classes) <= budget else (low, middle)
+    rng = np.random.default_rng([seed, 0x5EF17])
+    train = _stratified(train_rows, labels, _kept(train_sizes, low, MIN_REFIT_ROWS_PER_CLASS), rng)
+    val = _stratified(val_rows, labels, _kept(val_sizes, low, 1), rng)
+    return train, val, (len(train) + len(val)) / total
 
 
-def _stratified(rows: np.ndarray, labels: np.ndarray, share: float, rng: np.random.Generator, *, floor: int) -> np.ndarray:
-    """ceil(share x n_c) of each class's rows, at least min(floor, n_c), drawn by `rng`; sorted."""
+def _class_sizes(rows: np.ndarray, labels: np.ndarray) -> dict[int, int]:
+    classes, counts = np.unique(labels[np.asarray(rows, dtype=np.int64)], return_counts=True)
+    return dict(zip(classes.tolist(), counts.tolist()))
+
+
+def _kept(sizes: dict[int, int], share: float, floor: int) -> np.ndarray:
+    """Rows kept per class at `share`: ceil(share x n_c), at least min(floor, n_c); in the order of sizes."""
+    n = np.array(list(sizes.values()), dtype=np.int64)
+    return np.minimum(n, np.maximum(floor, np.ceil(share * n).astype(np.int64)))
+
+
+def _stratified(rows: np.ndarray, labels: np.ndarray, kept: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """kept[i] rows of the i-th class present in rows (ascending labels), drawn by `rng`; sorted."""
     rows = np.asarray(rows, dtype=np.int64)
     of_row = labels[rows]
-    kept = []
-    for c in np.unique(of_row):
-        members = rows[of_row == c]
-        n = min(len(members), max(floor, math.ceil(share * len(members))))
-        kept.append(rng.choice(members, size=n, replace=False))
-    return np.sort(np.concatenate(kept)) if kept else rows[:0]
+    chosen = [rng.choice(rows[of_row == c], size=int(n), replace=False) for c, n in zip(np.unique(of_row), kept)]
+    return np.sort(np.concatenate(chosen)) if chosen else rows[:0]

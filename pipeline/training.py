@@ -62,7 +62,7 @@ class TrainSettings:
     anchor: float = 1.0               # stage B: pull of each code toward its best-matching patch in the batch
     projection_dim: int = 0           # stage B: patches and codes through a learned linear map to this many
                                       # dimensions (ProtoPNet's add-on layer); 0 = the raw cosine, as in the paper.
-                                      # 128 with ground: grounding 1.0 at about 1 point of top-1, but less evidence
+                                      # 64 with ground: grounding 1.0 at about 1 point of top-1, but less evidence
                                       # on defining parts (README, "A grounded head")
     projection_lr: float = 1e-3       # its learning rate (AdamW); it starts as the patches' top principal directions
     mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
@@ -75,7 +75,7 @@ class TrainSettings:
     # After stage B (pipeline/sparsity.py, pipeline/grounding.py push_codes):
     ground: bool = False              # push: every code becomes its nearest training patch (grounding 1.0); off by
                                       # default: on the raw cosine it costs 8-19 points of top-1 on make-birds, with
-                                      # projection_dim 128 about 1 (README)
+                                      # projection_dim 64 about 1 (README)
     sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
     sparsity_rule: str = "deviance"   # path: how the point is chosen (pipeline/sparsity.py RULES)
     sparsity_tolerance: float = 0.01  # path, rule accuracy: the sparsest head within this of the best val top-1

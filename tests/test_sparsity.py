@@ -143,8 +143,15 @@ def test_a_refit_over_its_memory_takes_the_same_share_of_every_class_and_fits() 
     again = refit_sample(train, val, labels, codes=64, classes=3, budget=budget, seed=0)
     other = refit_sample(train, val, labels, codes=64, classes=3, budget=budget, seed=1)
     assert np.array_equal(again[0], sub_train) and not np.array_equal(other[0], sub_train)  # seeded
-    with pytest.raises(ProtoquantError, match=r"even a sample of 10 rows per class.*--refit-memory.*--sparsity topk"):
-        refit_sample(train, val, labels, codes=64, classes=3, budget=per_row * 20, seed=0)
+    with pytest.raises(ProtoquantError, match=r"even 10 rows per class need 11\.6 KB of --refit-memory's 7\.0 KB.*--sparsity topk"):
+        refit_sample(train, val, labels, codes=64, classes=3, budget=per_row * 20, seed=0)  # the floors: 30 + 3 rows
+    many = np.repeat(np.arange(991), 14)  # many small classes: the floors take most of a tight budget
+    rows = np.arange(len(many))
+    train, val = rows[rows % 14 < 12], rows[rows % 14 >= 12]
+    floors = refit_bytes(991 * 11, 64, 991)
+    sub_train, sub_val, _ = refit_sample(train, val, many, codes=64, classes=991, budget=int(1.2 * floors), seed=0)
+    assert refit_bytes(len(sub_train) + len(sub_val), 64, 991) <= 1.2 * floors
+    assert (np.bincount(many[sub_train], minlength=991) >= 10).all() and (np.bincount(many[sub_val], minlength=991) >= 1).all()
 
 
 def test_an_imagenet_sized_refit_is_sampled_to_its_memory_or_refused_before_training() -> None:

@@ -105,7 +105,7 @@ def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, samp
         assert {k: records[0][k] for k in ("refit_share", "refit_rows", "n_val")} == \
             {k: records[1][k] for k in ("refit_share", "refit_rows", "n_val")}
     else:
-        assert "refit_share" in records[1] and records[1]["refit_share"] == 1.0
+        assert [record["refit_share"] for record in records] == [1.0, 1.0]
 
 
 def test_streamed_sweep_equals_train_for_its_first_seed(store, tmp_path) -> None:
@@ -217,6 +217,13 @@ def test_cli_sweep_prints_json_and_refuses_bad_lists_in_one_line(store, tmp_path
         assert json.loads((run / "metrics.json").read_text())["sparsity"]["l1_ratio"] == 0.9
     assert {h["name"] for h in printed["heads"]} == {p.name for p in (tmp_path / "s").iterdir() if p.is_dir()
                                                      and not p.name.startswith(".")}
+    sampled = runner.invoke(cli.app, ["sweep", str(store["cache"]), "-c", str(store["books"][1]), "--out",
+                                      str(tmp_path / "sampled"), "--seeds", "2", "--l1", "0,0.01", "--epochs", "1",
+                                      "--probe-epochs", "1", "--codebook-epochs", "1", "--batch-size", "16",
+                                      "--refit-memory", "12KB", "--device", "cpu"])
+    assert sampled.exit_code == 0, sampled.output
+    notes = [line for line in sampled.output.splitlines() if "the sparse refit used a stratified" in line]
+    assert len(notes) == 2 and all("--refit-memory 12KB (12.0 KB)" in line for line in notes)  # one per head
 
 
 def test_overwrite_replaces_only_what_the_sweep_wrote(store, tmp_path) -> None:

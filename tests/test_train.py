@@ -427,7 +427,13 @@ def test_sweep_sparsity_prints_the_curve_and_bad_methods_are_one_line(parts, tmp
     assert result.exit_code == 0, result.output
     table = [line for line in result.output.splitlines() if line[:1].isdigit()]
     assert len(table) == TrainSettings().path_points and sum("<- chosen" in line for line in table) == 1
-    assert "weights > 0.1 per class" in result.output
+    assert "weights > 0.1 per class" in result.output and "the sparse refit used" not in result.output
+    sampled = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "sampled"), "--refit-memory", "12KB"])
+    assert sampled.exit_code == 0, sampled.output
+    recorded = json.loads((tmp_path / "sampled" / "metrics.json").read_text())["sparsity"]
+    assert recorded["refit_budget_bytes"] == 12_000 and recorded["refit_share"] < 1
+    assert (f"the sparse refit used a stratified {recorded['refit_share']:.1%} of the rows ({recorded['refit_rows']} "
+            f"of {recorded['of_rows']}) to stay within --refit-memory 12KB (12.0 KB)") in " ".join(sampled.output.split())
     bad = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "bad"), "--sparsity", "lasso"])
     assert bad.exit_code == 2 and "choose one of path, topk, none" in bad.output
     assert not (tmp_path / "bad").exists()
