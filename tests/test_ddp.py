@@ -17,6 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -60,7 +61,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(parts_store, tmp_path) -> None:
+@pytest.mark.parametrize("projection_dim", [0, 24], ids=["raw", "projected"])
+def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(parts_store, tmp_path, projection_dim) -> None:
     """2 ranks x --batch-size 8 under torchrun = 1 process x 16, phase by phase; rank 0 alone writes the run.
 
     Both end at stage B (--sparsity none): the path refit after it is no distributed work, and on this tiny,
@@ -74,7 +76,8 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(part
     n_train = len(usable_rows(Cache(parts_store["cache"]).split("train"))) - 20  # 20 validation rows
     assert n_train % 2 == 0  # equal shares, so no row is dropped to keep the ranks in step
     single = tmp_path / "single"
-    train(parts_store["cache"], parts_store["codebook"], single, replace(FAST, batch_size=16, sparsity="none"))
+    train(parts_store["cache"], parts_store["codebook"], single,
+          replace(FAST, batch_size=16, sparsity="none", projection_dim=projection_dim))
 
     ddp = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -82,7 +85,8 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(part
                "train", str(parts_store["cache"]), "-c", str(parts_store["codebook"]), "--out", str(ddp),
                "--epochs", str(FAST.epochs), "--probe-epochs", str(FAST.probe_epochs),
                "--codebook-epochs", str(FAST.codebook_epochs), "--batch-size", "8", "--probe-lr", str(FAST.probe_lr),
-               "--val-fraction", str(FAST.val_fraction), "--sparsity", "none", "--device", "cpu", "--json"]
+               "--val-fraction", str(FAST.val_fraction), "--sparsity", "none", "--projection-dim", str(projection_dim),
+               "--device", "cpu", "--json"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
