@@ -189,7 +189,8 @@ def refit_note(sparsity: dict, settings_text: str) -> str | None:
             f"({format_bytes(sparsity['refit_budget_bytes'])})")
 
 
-ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes; 0 = the raw cosine of the paper, the default). With --projection-dim 64 the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch; measured, its top evidence then falls on a defining part less often (README, \"A grounded head\").")]
+ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (at most D; ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes; 0 = the raw cosine of the paper, the default). With --projection-dim 64 the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch; measured, its top evidence then falls on a defining part less often (README, \"A grounded head\").")]
+SweepProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="As train's --projection-dim: stage B compares patches and codes through a learned linear map to this many dimensions (at most D; started from the patches' principal directions, trained at train's --projection-lr 1e-3); 0 = the raw cosine. A sweep does not push (train --ground does).")]
 RefitMemoryOpt = Annotated[str, typer.Option("--refit-memory", callback=_refit_memory, help="RAM the sparse refit (--sparsity path) may hold: the presence of every training and validation row, rows x (4 K + 32 C) bytes. Above it the refit uses a stratified sample of the rows that fits (the same share of every class, at least 10 training rows each; metrics.json records the share). auto = half the RAM free when training starts; all = every row, or refuse before training.")]
 L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
@@ -463,7 +464,7 @@ def sweep(
     head_lr: HeadLrOpt = 5e-3,
     codes_lr: CodesLrOpt = 0.1,
     anchor: AnchorOpt = 1.0,
-    projection_dim: ProjectionDimOpt = 0,
+    projection_dim: SweepProjectionDimOpt = 0,
     weight_decay: WeightDecayOpt = 1e-4,
     label_smoothing: LabelSmoothingOpt = 0.1,
     train_codes: TrainCodesOpt = True,

@@ -164,7 +164,8 @@ def ground_codes(head: ProtoQuantHead, cache: Cache, *, split: str = "train", to
     usage = torch.zeros(n_codes, dtype=torch.long)
     n_patches = 0
     for rows, block in _usable_blocks(data, images_per_batch or _images_per_batch(head, grid)):
-        similarity = patch_cosines(head.embed(torch.from_numpy(block).to(device)), codes)  # (n, H*W, K)
+        patches = head.embed(torch.from_numpy(block).to(head.codes.device)).to(device)  # as the codes see them
+        similarity = patch_cosines(patches, codes)  # (n, H*W, K)
         best, where = similarity.max(dim=1)  # (n, K): each image's nearest patch to each code
         accumulator.update(torch.from_numpy(rows), best.cpu(), where.cpu())
         if not exists.all():

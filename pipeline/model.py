@@ -142,7 +142,7 @@ class ProtoQuantHead(nn.Module):
             weight, bias = projection  # (d, D), (d,)
             if weight.shape[0] != codes.shape[1]:
                 raise ProtoquantError(f"a projection to {weight.shape[0]} dimensions needs codes of that size, got {codes.shape[1]}")
-            self.projection = nn.Linear(weight.shape[1], weight.shape[0]).to(codes.device)
+            self.projection = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0]).to(codes.device)
             with torch.no_grad():
                 self.projection.weight.copy_(weight)
                 self.projection.bias.copy_(bias)
@@ -213,7 +213,8 @@ class ProtoQuantHead(nn.Module):
 
         Stage B's pull of each code toward the real patch it most resembles (a dictionary term, like stage
         A's): trained codes otherwise drift between patches and their nearest training patch stops showing
-        what they detect. similarity is S (B, K, H, W) of this batch; the gradient reaches only the codes.
+        what they detect. similarity is S (B, K, H, W) of this batch; the gradient reaches only the codes
+        (and a projection, which it pulls the patches toward the codes with).
         Under DDP (ranks: pipeline.distributed.Distributed with world > 1) each rank holds a share of the
         batch: the value is the whole batch's, and the ranks holding a code's best patch pull it world / their
         count -fold, so that averaging the gradients over ranks gives one process's gradient (which, at a tie,

@@ -92,7 +92,7 @@ SPARSITY_METHODS = ("path", "topk", "none")
 # What a run recorded before a setting existed did instead: a replay, a resume or a prune of an older run
 # keeps its method rather than silently taking today's default.
 LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False, "refit_memory": "all",
-                   "projection_dim": 0}
+                   "projection_dim": 0, "projection_lr": 1e-3}
 
 
 def with_legacy_settings(recorded: dict) -> dict:
@@ -247,7 +247,6 @@ def accuracy(classify: Callable[[torch.Tensor], torch.Tensor], source: FeatureSo
     return correct / total if total else float("nan")
 
 
-@torch.no_grad()
 @torch.no_grad()
 def code_grounding(head: nn.Module, source: FeatureSource, *, device: torch.device,
                    dist: Distributed = Distributed()) -> torch.Tensor:

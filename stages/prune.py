@@ -285,7 +285,7 @@ def _changed_row(ids, classes: list[str], row: int, label: int, before: int, aft
 def _rare_codes(head, source, min_usage: float) -> list[int]:
     """Existing codes picked (cosine argmax among existing codes) by fewer than min_usage of the patches."""
     existing = head.code_mask.nonzero().flatten()  # (K',) indices of codes still in the head
-    counts = code_usage(head.codes[existing], (head.embed(f) for f, _ in source.batches(0)))  # (K',)
+    counts = code_usage(head.codes[existing], (head.embed(f.to(head.codes.device)) for f, _ in source.batches(0)))  # (K',)
     fraction = counts.float() / counts.sum().clamp_min(1)
     rare = existing[fraction < min_usage].tolist()
     if len(rare) == len(existing):
