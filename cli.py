@@ -402,6 +402,10 @@ def train(
         sparsity_rule=sparsity_rule, sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
         path_l1_ratio=path_l1_ratio, refit_memory=refit_memory,
     )
+    if ground and not projection_dim and is_rank_zero():
+        console.print("note: --ground on the raw cosine cost 8 to 19 points of top-1 on make-birds; with "
+                      "--projection-dim 64 the push cost about 1 (README, \"A grounded head\")", highlight=False,
+                      soft_wrap=True)
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)
     if not is_rank_zero():

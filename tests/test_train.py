@@ -428,6 +428,12 @@ def test_sweep_sparsity_prints_the_curve_and_bad_methods_are_one_line(parts, tmp
     table = [line for line in result.output.splitlines() if line[:1].isdigit()]
     assert len(table) == TrainSettings().path_points and sum("<- chosen" in line for line in table) == 1
     assert "weights > 0.1 per class" in result.output and "the sparse refit used" not in result.output
+    assert "--ground on the raw cosine" not in result.output
+    pushed = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "pushed"), "--ground"])
+    assert pushed.exit_code == 0 and "note: --ground on the raw cosine cost 8 to 19 points" in pushed.output
+    projected = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "projected"), "--ground",
+                                             "--projection-dim", "8"])
+    assert projected.exit_code == 0 and "--ground on the raw cosine" not in projected.output
     sampled = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "sampled"), "--refit-memory", "12KB"])
     assert sampled.exit_code == 0, sampled.output
     recorded = json.loads((tmp_path / "sampled" / "metrics.json").read_text())["sparsity"]
