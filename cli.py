@@ -228,9 +228,10 @@ def demo(
 ) -> None:
     """Run the whole pipeline offline on generated birds with real pretrained weights, and write a report.
 
-    make-birds -> extract (tf_efficientnet_lite0, built-in ImageNet weights) -> codebook -> train ->
-    evaluate (accuracy, probe accuracy, purity, local explanation size) -> per-class top-k curve ->
-    gallery -> explanations -> OUT/index.html. Each step is skipped when its output is complete, so a
+    make-birds -> extract (tf_efficientnet_lite0, built-in ImageNet weights) -> codebook -> train (the
+    default head, and the grounded variant: --projection-dim 64 --ground) -> evaluate both (accuracy,
+    probe accuracy, purity, local explanation size, evidence on defining parts, grounding) -> per-class
+    top-k curve -> gallery -> explanations -> OUT/index.html. Each step is skipped when its output is complete, so a
     second run takes seconds: the backbone runs once.
 
     Example: protoquant demo --out demo-out && xdg-open demo-out/index.html
@@ -245,6 +246,11 @@ def demo(
     out_console.print(f"ProtoQuant test top-1 {evaluation['top1']:.3f} (linear probe {evaluation['probe_top1']:.3f}), "
                       f"{evaluation['codes_used']} codes in use, local explanation size {evaluation['local_size']:.1f}"
                       + (f", purity {purity['mean']:.3f}" if purity.get("mean") is not None else ""), highlight=False)
+    grounded = result.figures["grounded"]
+    cosine = grounded["interpretability"].get("grounding", {}).get("mean_cosine")
+    out_console.print(f"grounded variant (--projection-dim 64 --ground): test top-1 {grounded['evaluation']['top1']:.3f}"
+                      + (f", grounding {cosine:.3f}" if cosine is not None else "") + " (the report compares them)",
+                      highlight=False)
     out_console.print(f"report: {result.report.resolve()}", highlight=False, soft_wrap=True)
 
 

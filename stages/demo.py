@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -69,12 +69,17 @@ class DemoSettings:
         given = {"epochs": self.epochs, "probe_epochs": self.probe_epochs, "codebook_epochs": self.codebook_epochs}
         return TrainSettings(seed=self.seed, **{k: v for k, v in given.items() if v is not None})
 
+    def grounded_settings(self):
+        """The variant beside the default head: every prototype a training patch (README, "A grounded head")."""
+        return replace(self.train_settings(), **GROUNDED)
+
 
 FULL = DemoSettings()
 # 40 images per class at 224 px with train's defaults: 16 at 128 px with 10 epochs stayed at chance (top-1 0.20-0.25,
 # the head empty or one class), 40 at 128 px too; this one gave 0.625 and 0.500 on seeds 0 and 1 in about 25 s.
 QUICK = DemoSettings(classes=4, per_class=40, size=224, k=64, explain_images=2, metric_images=4, workers=0)
 TOP_K = (1, 2, 3, 5, 10)
+GROUNDED = {"projection_dim": 64, "ground": True}  # train's options for the report's second column
 # The paper's per-class top-k without retraining on CUB-200 (METHOD.md), beside ours on the report's chart.
 PAPER_FULL_HEAD = 0.866
 PAPER_TOP_K = ((1, 0.678), (3, 0.774), (5, 0.799), (10, 0.832), (50, 0.847))
@@ -133,7 +138,8 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(out, settings, say)
     birds, cache, codebook, run = out / "birds", out / "birds.zarr", out / "codebook.safetensors", out / "run"
-    figures_path = out / "figures.json"
+    grounded = out / "run-grounded"
+    figures_path, grounded_path = out / "figures.json", out / "figures-grounded.json"
 
     steps.run("make-birds", [birds / "images.txt"], lambda: make_birds(
         birds, classes=settings.classes, per_class=settings.per_class, size=settings.size, seed=settings.seed,
@@ -145,19 +151,23 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     steps.run("codebook", [codebook], lambda: build_codebook(cache, codebook, CodebookSettings(k=settings.k, seed=settings.seed)))
     steps.run("train", [run / "head.safetensors"], lambda: train(
         cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress))
+    steps.run("train-grounded", [grounded / "head.safetensors"], lambda: train(
+        cache, codebook, grounded, settings.grounded_settings(), overwrite=True, progress=progress))
 
-    def measure() -> None:
-        evaluation = evaluate(run, cache=cache, split="test").to_json()
-        metrics = interpretability_metrics(run, birds, cache=cache, settings=MetricSettings(max_images=settings.metric_images))
-        figures = {"evaluation": evaluation, "interpretability": metrics, "top_k": top_k_curve(run, cache, TOP_K)}
-        write_json(figures_path, figures)
+    def measure(run_path: Path, path: Path) -> None:
+        evaluation = evaluate(run_path, cache=cache, split="test").to_json()
+        metrics = interpretability_metrics(run_path, birds, cache=cache,
+                                           settings=MetricSettings(max_images=settings.metric_images))
+        write_json(path, {"evaluation": evaluation, "interpretability": metrics,
+                          "top_k": top_k_curve(run_path, cache, TOP_K)})
 
-    steps.run("evaluate", [figures_path], measure)
+    steps.run("evaluate", [figures_path], lambda: measure(run, figures_path))
+    steps.run("evaluate-grounded", [grounded_path], lambda: measure(grounded, grounded_path))
     steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds))
     test_images = _test_images(cache, birds, settings.explain_images)
     steps.run("explain", [out / "explain" / "index.html"], lambda: explain(run, test_images, out / "explain", cache=cache, data=birds))
 
-    figures = json.loads(figures_path.read_text())
+    figures = {**json.loads(figures_path.read_text()), "grounded": json.loads(grounded_path.read_text())}
     report = write_report(out, run, figures, settings)
     return DemoResult(out=out, report=report, figures=figures, seconds=time.perf_counter() - started,
                       skipped_steps=steps.skipped)
@@ -205,11 +215,15 @@ def _percent(value) -> str:
 def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSettings) -> Path:
     """DIR/index.html (and DIR/style.css): the figures, two plots, and links to the gallery and the explanations."""
     evaluation, interp, curve = figures["evaluation"], figures["interpretability"], figures["top_k"]
+    grounded = figures["grounded"]
+    variant = _result_rows(grounded["evaluation"], grounded["interpretability"], grounded["top_k"])
+    results = [(name, ours, theirs) for (name, ours), (_, theirs) in
+               zip(_result_rows(evaluation, interp, curve), variant)]
     per_epoch, top_k = _charts(run_path, curve)
     strip = [p.relative_to(out).as_posix() for p in sorted((out / "gallery" / "thumbs").glob("*.jpg"))[:6]]
     metrics = json.dumps({k: v for k, v in interp.items() if k != "grounding"}, indent=1, default=float)[:4000]
     page = render.render_page("demo_report.html", title="protoquant demo", settings=settings,
-                              results=_result_rows(evaluation, interp, curve), strip=strip,
+                              results=results, grounded=GROUNDED, strip=strip,
                               per_epoch=per_epoch, top_k=top_k, metrics=metrics)
     render.write_style(out)
     report = out / "index.html"

@@ -14,7 +14,7 @@ import pytest
 from stages.demo import QUICK, demo
 from tests.test_pages import browser, crawl  # noqa: F401  (browser is a fixture)
 
-STEPS = ["make-birds", "extract", "codebook", "train", "evaluate", "gallery", "explain"]
+STEPS = ["make-birds", "extract", "codebook", "train", "train-grounded", "evaluate", "evaluate-grounded", "gallery", "explain"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_quick_demo_runs_every_stage_then_skips_them_all(quick_demo) -> None:
     assert first.skipped_steps == []
     assert second.skipped_steps == STEPS                  # the backbone does not run again
     figures = first.figures
-    assert json.loads((out / "figures.json").read_text()) == figures == second.figures
+    assert figures == second.figures
+    assert {**json.loads((out / "figures.json").read_text()), "grounded": json.loads((out / "figures-grounded.json").read_text())} == figures
 
     evaluation = figures["evaluation"]
     assert evaluation["n"] == _test_images(out) == QUICK.classes * 12  # make-birds keeps 12 of 40 per class for test
@@ -56,8 +57,13 @@ def test_quick_demo_runs_every_stage_then_skips_them_all(quick_demo) -> None:
     grounding = interp["grounding"]  # anchored, not pushed (train's default): near real patches, not on them
     assert 0.5 < grounding["min_cosine"] <= grounding["mean_cosine"] < 0.999
 
+    variant = figures["grounded"]  # the second column: every prototype a training patch
+    assert variant["interpretability"]["grounding"]["min_cosine"] > 0.9999
+    assert variant["evaluation"]["n"] == evaluation["n"] and variant["evaluation"]["codes_total"] == QUICK.k
     report = (out / "index.html").read_text()
     assert "gallery/index.html" in report and "explain/index.html" in report and "<svg" in report
+    assert "<code>--projection-dim 64</code> <code>--ground</code>" in report and "grounded variant" in report
+    assert f"<td>{100 * variant['evaluation']['top1']:.1f}%</td>" in report
     assert (out / "gallery" / "index.html").is_file() and (out / "explain" / "index.html").is_file()
 
 
