@@ -863,6 +863,9 @@ def _show_run(path: Path, json_out: bool) -> None:
         "classes": len((config.get("cache") or {}).get("classes") or []), "k": metrics.get("k"),
         "codes_in_use": metrics.get("codes_in_use"), "val_top1": metrics.get("val_top1"),
         "created_utc": config.get("created_utc"),
+        "projection_dim": (config.get("settings") or {}).get("projection_dim", 0),
+        "pushed": (metrics.get("grounding") or {}).get("pushed"),
+        "grounding": (metrics.get("grounding") or {}).get("mean_max_cosine_in_use"),
     }
     if json_out:
         print_json(summary)
@@ -874,6 +877,12 @@ def _show_run(path: Path, json_out: bool) -> None:
         out_console.print(f"{summary['classes']} classes, {summary['codes_in_use']} of {summary['k']} codes in use; "
                           f"validation top-1 {json.dumps(_json_clean(summary['val_top1']))}", highlight=False,
                           soft_wrap=True)
+    if summary["grounding"] is not None:
+        space = f"through a learned {summary['projection_dim']}-dimensional projection" if summary["projection_dim"] \
+            else "on the raw cosine"
+        how = "pushed: every code is a training patch" if summary["pushed"] else "trained codes, not pushed"
+        out_console.print(f"codes compared with patches {space}; {how}; grounding {summary['grounding']:.3f}",
+                          highlight=False, soft_wrap=True)
     console.print(f"Scores on a split: protoquant evaluate {path}; the cache itself: protoquant info {summary['cache']}",
                   highlight=False, soft_wrap=True)
 

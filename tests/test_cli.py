@@ -196,6 +196,8 @@ def test_info_on_a_run_says_it_is_a_run(cli_run) -> None:
     assert "extract" not in result.output
     summary = json.loads(invoke("info", cli_run["run"], "--json").stdout)
     assert summary["kind"] == "run" and summary["k"] == 16 and summary["cache"] == str(Path(cli_run["cache"]).resolve())
+    assert summary["projection_dim"] == 0 and summary["pushed"] is False and 0 < summary["grounding"] < 1
+    assert f"on the raw cosine; trained codes, not pushed; grounding {summary['grounding']:.3f}" in result.stdout
 
 
 def test_an_error_message_with_brackets_is_printed_verbatim() -> None:
