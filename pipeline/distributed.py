@@ -70,6 +70,14 @@ class Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """The job's last step on every rank: wait for the others, then leave the process group, so no rank
+        exits with gloo's threads still running (which can abort it: "terminate called without an active
+        exception")."""
+        if self.world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

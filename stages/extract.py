@@ -359,7 +359,7 @@ def _run(out: Path, splits: dict[str, list[Record]], net: Backbone, dist: Distri
         writer.close()
     dist.barrier()
     summary = _finish(out, started, total_all_ranks, resumed_shards, finalize=dist.is_main)
-    dist.barrier()
+    dist.close()
     return summary
 
 

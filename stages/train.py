@@ -141,7 +141,7 @@ def train(
             write_text_atomic(work / SPARSITY_PLOT, sparsity_chart(metrics["sparsity"]))
         write_log(work / "log.jsonl", trainer.history())
         finish_run_dir(work, out)
-    dist.barrier()
+    dist.close()
     return TrainResult(path=out, metrics=metrics, resumed=resumed,
                        discarded_checkpoint=bool(run_dir and run_dir.discarded_checkpoint))
 
