@@ -95,7 +95,8 @@ class DemoResult:
 
 
 class _Steps:
-    """Runs named steps once: a step whose settings and outputs are recorded as done is skipped."""
+    """Runs named steps once: a step whose settings and outputs are recorded as done is skipped, unless a step
+    it comes after ran in this call (its inputs changed)."""
 
     def __init__(self, out: Path, settings: DemoSettings, say: Callable[[str], None]):
         self.state_path = out / STATE_FILE
@@ -104,17 +105,22 @@ class _Steps:
         self.settings = asdict(settings)
         self.say = say
         self.skipped: list[str] = []
+        self.ran: set[str] = set()
 
-    def run(self, name: str, outputs: list[Path], action: Callable[[], object]) -> None:
-        recorded = self.state.get(name)
-        if recorded == self.settings and all(p.exists() for p in outputs):
+    def run(self, name: str, outputs: list[Path], action: Callable[[], object], *, after: tuple[str, ...] = (),
+            extra: dict | None = None) -> None:
+        """extra: settings of this step beyond the demo's (recorded with them)."""
+        expected = {**self.settings, **(extra or {})}
+        if (self.state.get(name) == expected and all(p.exists() for p in outputs)
+                and not self.ran.intersection(after)):
             self.say(f"[dim]{name}: already done, skipped[/]")
             self.skipped.append(name)
             return
         begin = time.perf_counter()
         self.say(f"[bold]{name}[/] ...")
         action()
-        self.state[name] = self.settings
+        self.ran.add(name)
+        self.state[name] = expected
         write_json(self.state_path, self.state)
         self.say(f"{name}: done in {time.perf_counter() - begin:.1f} s")
 
@@ -147,12 +153,14 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     steps.run("extract", [cache / "zarr.json"], lambda: extract(
         birds, cache, backbone="tf_efficientnet_lite0", pretrained=True, image_size=settings.size,
         views=settings.views, workers=settings.workers, batch_size=32, overwrite=True, progress=progress,
-        layers=settings.layers, crop_mode=settings.crop_mode, crop_pct=settings.crop_pct))
-    steps.run("codebook", [codebook], lambda: build_codebook(cache, codebook, CodebookSettings(k=settings.k, seed=settings.seed)))
+        layers=settings.layers, crop_mode=settings.crop_mode, crop_pct=settings.crop_pct), after=("make-birds",))
+    steps.run("codebook", [codebook], lambda: build_codebook(cache, codebook, CodebookSettings(k=settings.k, seed=settings.seed)),
+              after=("extract",))
     steps.run("train", [run / "head.safetensors"], lambda: train(
-        cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress))
+        cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress), after=("codebook",))
     steps.run("train-grounded", [grounded / "head.safetensors"], lambda: train(
-        cache, codebook, grounded, settings.grounded_settings(), overwrite=True, progress=progress))
+        cache, codebook, grounded, settings.grounded_settings(), overwrite=True, progress=progress),
+        after=("codebook",), extra={"grounded": GROUNDED})
 
     def measure(run_path: Path, path: Path) -> None:
         evaluation = evaluate(run_path, cache=cache, split="test").to_json()
@@ -161,11 +169,14 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
         write_json(path, {"evaluation": evaluation, "interpretability": metrics,
                           "top_k": top_k_curve(run_path, cache, TOP_K)})
 
-    steps.run("evaluate", [figures_path], lambda: measure(run, figures_path))
-    steps.run("evaluate-grounded", [grounded_path], lambda: measure(grounded, grounded_path))
-    steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds))
+    steps.run("evaluate", [figures_path], lambda: measure(run, figures_path), after=("train",))
+    steps.run("evaluate-grounded", [grounded_path], lambda: measure(grounded, grounded_path), after=("train-grounded",),
+              extra={"grounded": GROUNDED})
+    steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds),
+              after=("train",))
     test_images = _test_images(cache, birds, settings.explain_images)
-    steps.run("explain", [out / "explain" / "index.html"], lambda: explain(run, test_images, out / "explain", cache=cache, data=birds))
+    steps.run("explain", [out / "explain" / "index.html"], lambda: explain(run, test_images, out / "explain", cache=cache, data=birds),
+              after=("train",))
 
     figures = {**json.loads(figures_path.read_text()), "grounded": json.loads(grounded_path.read_text())}
     report = write_report(out, run, figures, settings)

@@ -79,6 +79,17 @@ def test_quick_demo_head_beats_chance(quick_demo) -> None:
     assert sum(1 for accuracy in evaluation["per_class"].values() if accuracy > 0) >= 2
 
 
+def test_a_step_runs_again_when_one_it_comes_after_did(quick_demo) -> None:
+    """The grounded head deleted: it is trained again and so are its figures (not kept stale); the rest is skipped."""
+    import shutil
+
+    out = quick_demo["out"]
+    shutil.rmtree(out / "run-grounded")
+    third = demo(out, quick=True, say=lambda _: None)
+    assert third.skipped_steps == [s for s in STEPS if s not in ("train-grounded", "evaluate-grounded")]
+    assert third.figures == quick_demo["first"].figures  # the same settings give the same head and figures
+
+
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path) -> None:
     """--out holding the user's files (an index.html of theirs) is refused before anything is written."""
     from pipeline.errors import ProtoquantError
