@@ -389,7 +389,7 @@ def train(
 ) -> None:
     """Train a ProtoQuant head from the feature cache alone: probe, codebook (stage A), interpretable head (stage B), then the sparse refit of W.
 
-    Stage B trains the codes with an anchor that keeps them near real patches (--anchor); W is then refit along a non-negative elastic-net path and the sparsest head within one standard error of the lowest validation cross-entropy is kept (--sparsity, --sparsity-rule; the curve is RUN/sparsity.svg, --sweep-sparsity prints it). --ground first makes every code exactly a training patch, at a cost in accuracy.
+    Stage B trains the codes with an anchor that keeps them near real patches (--anchor); W is then refit along a non-negative elastic-net path and the sparsest head within one standard error of the lowest validation cross-entropy is kept (--sparsity, --sparsity-rule; the curve is RUN/sparsity.svg, --sweep-sparsity prints it). --ground first makes every code exactly a training patch: on the raw cosine that costs 8 to 19 points of top-1 on make-birds; with --projection-dim 64 about 1, but its top evidence then falls on the defining parts less often (README, "A grounded head").
 
     Reads CACHE (train split; a seeded validation share picks each phase's best epoch) and CODEBOOK. Writes RUN: head.safetensors (codes, W, tau, class names), probe.safetensors, config.json (every option, the cache fingerprint, versions), metrics.json and log.jsonl (one line per epoch). Interrupted? Add --resume. Under [bold]torchrun[/] each process trains on its own share of every epoch (DDP).
 
