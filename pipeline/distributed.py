@@ -58,6 +58,14 @@ class Distributed:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
         return out.to(values.device, values.dtype)
 
+    def min(self, value: float) -> float:
+        """The smallest of one number over ranks (float64)."""
+        if self.world == 1:
+            return value
+        out = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN)
+        return float(out)
+
     def total(self, values: torch.Tensor) -> torch.Tensor:
         """Element-wise sum of a float tensor over ranks."""
         if self.world == 1:

@@ -211,9 +211,8 @@ def grounding_together(sources: list[FeatureSource], heads: list[list[tuple[str,
     best = {key: torch.full((u.shape[0],), -1.0, device=device) for key, u in units.items()}
     for i, (features, _) in shared_batches(sources, 0):
         raw = features.to(device)
-        plain = F.normalize(raw.flatten(0, 2), dim=1)  # (B*H*W, D)
         for key, head in heads[i]:
-            patches = plain if head.projection is None else F.normalize(head.embed(raw).flatten(0, 2), dim=1)
+            patches = F.normalize(head.embed(raw).flatten(0, 2), dim=1)  # (B*H*W, D or d)
             best[key] = torch.maximum(best[key], (patches @ units[key].T).amax(dim=0))
     return {key: value.cpu() for key, value in best.items()}
 

@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 from scipy import optimize
 
-from pipeline.data import format_bytes
 from pipeline.errors import ProtoquantError
 
 SIZE_THRESHOLD = 0.1  # the authors' calculate_local_size counts weights above this
@@ -369,14 +368,16 @@ def refit_sample(train_rows: np.ndarray, val_rows: np.ndarray, labels: np.ndarra
     total = len(train_rows) + len(val_rows)
     if refit_bytes(total, codes, classes) <= budget:
         return train_rows, val_rows, 1.0
-    train_sizes = _class_sizes(train_rows, labels)
-    val_sizes = _class_sizes(val_rows, labels)
+    train_sizes = _class_counts(train_rows, labels)
+    val_sizes = _class_counts(val_rows, labels)
 
     def rows_at(share: float) -> int:
         return (_kept(train_sizes, share, MIN_REFIT_ROWS_PER_CLASS).sum() + _kept(val_sizes, share, 1).sum())
 
     floor = refit_bytes(int(rows_at(0.0)), codes, classes)
     if floor > budget:
+        from pipeline.data import format_bytes
+
         raise ProtoquantError(f"--sparsity path refits W after stage B on the presence of {total} rows x {codes} codes, "
                               f"and even {MIN_REFIT_ROWS_PER_CLASS} rows per class need {format_bytes(floor)} of "
                               f"--refit-memory's {format_bytes(budget)}: raise --refit-memory, or pass --sparsity topk "
@@ -391,14 +392,13 @@ def refit_sample(train_rows: np.ndarray, val_rows: np.ndarray, labels: np.ndarra
     return train, val, (len(train) + len(val)) / total
 
 
-def _class_sizes(rows: np.ndarray, labels: np.ndarray) -> dict[int, int]:
-    classes, counts = np.unique(labels[np.asarray(rows, dtype=np.int64)], return_counts=True)
-    return dict(zip(classes.tolist(), counts.tolist()))
+def _class_counts(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Rows of each class present in rows, in ascending label order (as _stratified draws them)."""
+    return np.unique(labels[np.asarray(rows, dtype=np.int64)], return_counts=True)[1]
 
 
-def _kept(sizes: dict[int, int], share: float, floor: int) -> np.ndarray:
-    """Rows kept per class at `share`: ceil(share x n_c), at least min(floor, n_c); in the order of sizes."""
-    n = np.array(list(sizes.values()), dtype=np.int64)
+def _kept(n: np.ndarray, share: float, floor: int) -> np.ndarray:
+    """Rows kept per class at `share`: ceil(share x n_c), at least min(floor, n_c)."""
     return np.minimum(n, np.maximum(floor, np.ceil(share * n).astype(np.int64)))
 
 

@@ -8,7 +8,7 @@
     Phase, run_phase              one training phase (probe, stage A, stage B): epochs, selection on
                                   validation, a resumable PhaseState after every epoch; a non-finite
                                   loss stops it with a named error
-    stage_b_head                  the stage B head; projection_rows / projection_start: its projection's start
+    stage_b_head                  the stage B head; projection_start (projection_rows): its projection's start
     head_phase                    stage B as a Phase (train, and prune's fine-tuning)
     after_stage_b                 push (ground) and the sparse step (path refit or top-k cut): train's
     push_step, sparse_step        its two halves: the sweep calls them around its shared presence pass
@@ -427,12 +427,16 @@ def projection_rows(train_rows: np.ndarray, cells: int, seed: int) -> np.ndarray
     return np.sort(np.random.default_rng([seed, 0x9CA]).choice(train_rows, size=n, replace=False))
 
 
-def projection_start(settings: TrainSettings, sample: Callable[[], object]) -> tuple | None:
-    """With --projection-dim: the principal directions of `sample()`'s patches (projection_rows), the
-    projection's start (model.pca_projection); None without one."""
+def projection_start(settings: TrainSettings, train_rows: np.ndarray, split, scan: Callable[[np.ndarray], object]
+                     ) -> tuple | None:
+    """With --projection-dim: the projection's start (model.pca_projection), the principal directions of the
+    patches of projection_rows of the split's training rows, read by scan(rows) -> batches; None without one."""
     from pipeline.model import pca_projection
 
-    return pca_projection(sample(), settings.projection_dim) if settings.projection_dim > 0 else None
+    if settings.projection_dim <= 0:
+        return None
+    rows = projection_rows(train_rows, split.features.shape[1] * split.features.shape[2], settings.seed)
+    return pca_projection(scan(rows), settings.projection_dim)
 
 
 def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings, projection: tuple | None, *,
@@ -505,7 +509,7 @@ def refit_rows(settings: TrainSettings, train_rows: np.ndarray, val_rows: np.nda
     if settings.sparsity != "path":
         return train_rows, val_rows, {}
     free = available_memory() if available is None else available
-    free = int(-float(dist.max(torch.tensor([-float(free)], dtype=torch.float64))))  # every rank samples alike
+    free = int(dist.min(float(free)))  # every rank samples alike
     total = len(train_rows) + len(val_rows)
     if settings.refit_memory == "all":
         need = refit_bytes(total, codes, classes)

@@ -50,7 +50,7 @@ from pipeline.sparsity import presence_matrices
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
                                phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
-                               refit_rows, projection_rows, projection_start, stage_b_head)
+                               refit_rows, projection_start, stage_b_head)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
 
@@ -339,9 +339,8 @@ class _SweepTrainer:
         heads, lanes = {}, []
         for seed in self.seeds:
             data, members, lane_heads, l1, anchor = self.data[seed], [], [], [], []
-            cells = data.train.split.features.shape[1] * data.train.split.features.shape[2]
-            sample = projection_rows(data.train_rows, cells, seed)
-            projection = projection_start(base, lambda: data.scan(rows=sample).batches(0))  # one per seed
+            projection = projection_start(replace(base, seed=seed), data.train_rows, data.train.split,
+                                          lambda rows: data.scan(rows=rows).batches(0))  # one per seed
             for i, spec in enumerate(self.specs):
                 if spec.seed != seed:
                     continue

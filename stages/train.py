@@ -48,7 +48,7 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_u
 from pipeline.plots import sparsity_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, projection_rows, projection_start, refit_rows, stage_b_head,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, projection_start, refit_rows, stage_b_head,
                                check_train_settings, classification_loss, code_grounding, head_phase,
                                needs_finetune, optimizer_to_artifact, with_legacy_settings,
                                phase_state_from_artifact, run_phase, state_to_tensors)
@@ -197,9 +197,8 @@ class _Trainer:
     def head(self, codes: torch.Tensor, num_classes: int) -> ProtoQuantHead:
         """Stage B: the interpretable head on the stage A codes."""
         s = self.settings
-        cells = self.data.train.split.features.shape[1] * self.data.train.split.features.shape[2]
-        sample = projection_rows(self.data.train_rows, cells, s.seed)
-        projection = projection_start(s, lambda: self._scan(sample).batches(0))
+        projection = projection_start(s, self.data.train_rows, self.data.train.split,
+                                      lambda rows: self._scan(rows).batches(0))
         head = stage_b_head(codes, num_classes, s, projection, device=self.device)
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
         self.val_scores["stage_b"] = self._val(head)
