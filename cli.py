@@ -189,8 +189,8 @@ def refit_note(sparsity: dict, settings_text: str) -> str | None:
             f"({format_bytes(sparsity['refit_budget_bytes'])})")
 
 
-ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (at most D; ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes; 0 = the raw cosine of the paper, the default). With --projection-dim 64 the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch; measured, its top evidence then falls on a defining part less often (README, \"A grounded head\").")]
-SweepProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="As train's --projection-dim: stage B compares patches and codes through a learned linear map to this many dimensions (at most D; started from the patches' principal directions, trained at train's --projection-lr 1e-3); 0 = the raw cosine. A sweep does not push (train --ground does).")]
+ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (at most D; ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes, on the channels --projection-learns names). Default 128: then the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch. 0 = the raw cosine of the paper (pass --no-ground with it) (README, \"A grounded head\").")]
+SweepProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="As train's --projection-dim (default 128): stage B compares patches and codes through a learned linear map to this many dimensions (at most D; started from the patches' principal directions, trained at train's --projection-lr 1e-3 on train's --projection-learns fine channels); 0 = the raw cosine. A sweep does not push: its heads are train's before the push, which costs about 1 point of top-1 (train --ground, the default, pushes).")]
 RefitMemoryOpt = Annotated[str, typer.Option("--refit-memory", callback=_refit_memory, help="RAM the sparse refit (--sparsity path) may hold: the presence of every training and validation row, rows x (4 K + 32 C) bytes. Above it the refit uses a stratified sample of the rows that fits (the same share of every class, at least 10 training rows each; metrics.json records the share). auto = half the RAM free when training starts; all = every row, or refuse before training.")]
 L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
@@ -229,7 +229,7 @@ def demo(
     """Run the whole pipeline offline on generated birds with real pretrained weights, and write a report.
 
     make-birds -> extract (tf_efficientnet_lite0, built-in ImageNet weights) -> codebook -> train (the
-    default head, and the grounded variant: --projection-dim 64 --ground) -> evaluate both (accuracy,
+    default head, grounded, and the raw-cosine variant: --projection-dim 0 --no-ground) -> evaluate both (accuracy,
     probe accuracy, purity, local explanation size, evidence on defining parts, grounding) -> per-class
     top-k curve -> gallery -> explanations -> OUT/index.html. Each step is skipped when its output is complete, so a
     second run takes seconds: the backbone runs once.
@@ -246,11 +246,11 @@ def demo(
     out_console.print(f"ProtoQuant test top-1 {evaluation['top1']:.3f} (linear probe {evaluation['probe_top1']:.3f}), "
                       f"{evaluation['codes_used']} codes in use, local explanation size {evaluation['local_size']:.1f}"
                       + (f", purity {purity['mean']:.3f}" if purity.get("mean") is not None else ""), highlight=False)
-    grounded = result.figures["grounded"]
-    cosine = grounded["interpretability"].get("grounding", {}).get("mean_cosine")
-    out_console.print(f"grounded variant (--projection-dim 64 --ground): test top-1 {grounded['evaluation']['top1']:.3f}"
-                      + (f", grounding {cosine:.3f}" if cosine is not None else "") + " (the report compares them)",
-                      highlight=False)
+    raw = result.figures["raw"]
+    cosines = [figures["interpretability"].get("grounding", {}).get("mean_cosine") for figures in (result.figures, raw)]
+    out_console.print(f"raw-cosine variant (--projection-dim 0 --no-ground): test top-1 {raw['evaluation']['top1']:.3f}"
+                      + (f"; grounding {cosines[0]:.3f} (default) against {cosines[1]:.3f}" if None not in cosines else "")
+                      + " (the report compares them)", highlight=False)
     out_console.print(f"report: {result.report.resolve()}", highlight=False, soft_wrap=True)
 
 
@@ -334,6 +334,14 @@ def _sparsity_method(value: str) -> str:
     return value
 
 
+def _projection_learns(value: str) -> str:
+    from pipeline.training import PROJECTION_LEARNS
+
+    if value not in PROJECTION_LEARNS:
+        raise typer.BadParameter(f"got {value!r}; choose {' or '.join(PROJECTION_LEARNS)}")
+    return value
+
+
 def _sparsity_rule(value: str) -> str:
     from pipeline.sparsity import RULES
 
@@ -364,9 +372,10 @@ def train(
     train_codes: TrainCodesOpt = True,
     l1: Annotated[float, float_option("--l1", hint=" (0 turns it off)", help="L1 penalty on relu(W), per weight (0 = off).")] = 2e-3,
     anchor: AnchorOpt = 1.0,
-    projection_dim: ProjectionDimOpt = 0,
+    projection_dim: ProjectionDimOpt = 128,
     projection_lr: Annotated[float, learning_rate("--projection-lr", help="Learning rate of the projection (AdamW; >= 0; 0 keeps the principal directions).")] = 1e-3,
-    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. Off by default: measured on the raw cosine it costs 8 to 19 points of top-1 on make-birds; with --projection-dim 64 about 1 (README, \"A grounded head\").")] = False,
+    projection_learns: Annotated[str, typer.Option("--projection-learns", callback=_projection_learns, help="Which cached channels the projection learns on: fine = those of the maps at the grid's own resolution, while a coarser map's channels (upsampled, each value spanning a block of cells) keep their principal directions; all = every channel. Measured on make-birds, fine keeps the top evidence on the defining parts (part box 0.81 against 0.73) at the same top-1 (README, \"A grounded head\"). A cache of one map learns on all either way.")] = "fine",
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. On by default: with the projection (--projection-dim 128) it costs about 1 point of top-1; on the raw cosine (--projection-dim 0) 8 to 19 points on make-birds (README, \"A grounded head\").")] = True,
     sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
     sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     path_l1_ratio: L1RatioOpt = 0.99,
@@ -389,7 +398,7 @@ def train(
 ) -> None:
     """Train a ProtoQuant head from the feature cache alone: probe, codebook (stage A), interpretable head (stage B), then the sparse refit of W.
 
-    Stage B trains the codes with an anchor that keeps them near real patches (--anchor); W is then refit along a non-negative elastic-net path and the sparsest head within one standard error of the lowest validation cross-entropy is kept (--sparsity, --sparsity-rule; the curve is RUN/sparsity.svg, --sweep-sparsity prints it). --ground first makes every code exactly a training patch: on the raw cosine that costs 8 to 19 points of top-1 on make-birds; with --projection-dim 64 about 1, but its top evidence then falls on the defining parts less often (README, "A grounded head").
+    Stage B trains the codes with an anchor that keeps them near real patches (--anchor); W is then refit along a non-negative elastic-net path and the sparsest head within one standard error of the lowest validation cross-entropy is kept (--sparsity, --sparsity-rule; the curve is RUN/sparsity.svg, --sweep-sparsity prints it). Before that, the push (--ground, the default) makes every code exactly a training patch as the head sees it: codes and patches meet through a learned 128-dimensional projection (--projection-dim), so that costs about 1 point of top-1; on the raw cosine (--projection-dim 0 --ground) it costs 8 to 19 (README, "A grounded head").
 
     Reads CACHE (train split; a seeded validation share picks each phase's best epoch) and CODEBOOK. Writes RUN: head.safetensors (codes, W, tau, class names), probe.safetensors, config.json (every option, the cache fingerprint, versions), metrics.json and log.jsonl (one line per epoch). Interrupted? Add --resume. Under [bold]torchrun[/] each process trains on its own share of every epoch (DDP).
 
@@ -403,14 +412,15 @@ def train(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, dict_weight=dict_weight, tau=tau,
-        train_codes=train_codes, l1=l1, anchor=anchor, projection_dim=projection_dim, projection_lr=projection_lr, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
+        train_codes=train_codes, l1=l1, anchor=anchor, projection_dim=projection_dim, projection_lr=projection_lr, projection_learns=projection_learns, mixup=mixup, val_fraction=val_fraction, seed=seed, max_memory=max_memory,
         use_views=views, use_backbone_head=use_backbone_head, device=device, ground=ground, sparsity=sparsity,
         sparsity_rule=sparsity_rule, sparsity_tolerance=sparsity_tolerance, sparsity_k=sparsity_k, finetune_epochs=finetune_epochs,
         path_l1_ratio=path_l1_ratio, refit_memory=refit_memory,
     )
     if ground and not projection_dim and is_rank_zero():
-        console.print("note: --ground on the raw cosine cost 8 to 19 points of top-1 on make-birds; with "
-                      "--projection-dim 64 the push cost about 1 (README, \"A grounded head\")", highlight=False,
+        console.print("note: the push (--ground) on the raw cosine cost 8 to 19 points of top-1 on make-birds; "
+                      "with a projection (--projection-dim 128, the default) about 1; --no-ground keeps the trained "
+                      "codes (README, \"A grounded head\")", highlight=False,
                       soft_wrap=True)
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,
                        progress=not json_out)
@@ -474,7 +484,7 @@ def sweep(
     head_lr: HeadLrOpt = 5e-3,
     codes_lr: CodesLrOpt = 0.1,
     anchor: AnchorOpt = 1.0,
-    projection_dim: SweepProjectionDimOpt = 0,
+    projection_dim: SweepProjectionDimOpt = 128,
     weight_decay: WeightDecayOpt = 1e-4,
     label_smoothing: LabelSmoothingOpt = 0.1,
     train_codes: TrainCodesOpt = True,
@@ -863,7 +873,7 @@ def _show_run(path: Path, json_out: bool) -> None:
         "classes": len((config.get("cache") or {}).get("classes") or []), "k": metrics.get("k"),
         "codes_in_use": metrics.get("codes_in_use"), "val_top1": metrics.get("val_top1"),
         "created_utc": config.get("created_utc"),
-        "projection_dim": (config.get("settings") or {}).get("projection_dim", 0),
+        "projection_dim": _projection_dim(config),
         "pushed": (metrics.get("grounding") or {}).get("pushed"),
         "grounding": (metrics.get("grounding") or {}).get("mean_max_cosine_in_use"),
     }
@@ -885,6 +895,13 @@ def _show_run(path: Path, json_out: bool) -> None:
                           highlight=False, soft_wrap=True)
     console.print(f"Scores on a split: protoquant evaluate {path}; the cache itself: protoquant info {summary['cache']}",
                   highlight=False, soft_wrap=True)
+
+
+def _projection_dim(config: dict) -> int:
+    """The dimension a run's projection maps to: its --projection-dim, at most the cache's D (0 = none)."""
+    asked = (config.get("settings") or {}).get("projection_dim", 0)
+    dim = (config.get("cache") or {}).get("dim")
+    return min(asked, dim) if asked and dim else asked
 
 
 # ---- shards: ImageFolder / CUB -> WebDataset ----

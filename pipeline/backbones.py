@@ -537,6 +537,15 @@ class PreprocessingWarning(UserWarning):
     """The installed timm resolves another data config than the one a cache recorded (the recorded one is used)."""
 
 
+def grid_channels(provenance: dict) -> torch.Tensor:
+    """(D,) bool, one per channel of the cached grid: True where the channel comes from a map at the grid's own
+    resolution (it varies cell by cell), False where a coarser map was upsampled onto the grid (each of its
+    values copied over a block of cells). Caches of one map are all True."""
+    grid, dim = list(provenance["grid"]), int(provenance["dim"])
+    shapes = provenance.get("layer_shapes") or [[*grid, dim]]
+    return torch.cat([torch.full((int(d),), [int(h), int(w)] == grid, dtype=torch.bool) for h, w, d in shapes])
+
+
 def data_config_differences(recorded: dict, resolved: dict) -> list[str]:
     """'key: recorded X, installed timm Y' for every data-config entry that differs."""
     keys = sorted(set(recorded) | set(resolved))

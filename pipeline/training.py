@@ -60,11 +60,14 @@ class TrainSettings:
     train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
     l1: float = 2e-3                  # L1 on relu(W), per weight
     anchor: float = 1.0               # stage B: pull of each code toward its best-matching patch in the batch
-    projection_dim: int = 0           # stage B: patches and codes through a learned linear map to this many
-                                      # dimensions (ProtoPNet's add-on layer); 0 = the raw cosine, as in the paper.
-                                      # 64 with ground: grounding 1.0 at about 1 point of top-1, but less evidence
-                                      # on defining parts (README, "A grounded head")
+    projection_dim: int = 128         # stage B: patches and codes through a learned linear map to this many
+                                      # dimensions (ProtoPNet's add-on layer; at most D); 0 = the raw cosine of the
+                                      # paper, on which the push costs 8-19 points of top-1 (README, "A grounded head")
     projection_lr: float = 1e-3       # its learning rate (AdamW); it starts as the patches' top principal directions
+    projection_learns: str = "fine"   # which input channels it learns on: "fine", those of the maps at the grid's
+                                      # own resolution (a coarser map's keep their principal directions: its values
+                                      # span blocks of cells, and weighing them up moved the evidence off the parts,
+                                      # README "A grounded head"); "all"
     mixup: float = 0.0                # Beta(alpha, alpha) feature mixup for probe and head; 0 = off
     val_fraction: float = 0.1
     seed: int = 0
@@ -73,9 +76,8 @@ class TrainSettings:
     use_backbone_head: bool = False
     device: str = "auto"
     # After stage B (pipeline/sparsity.py, pipeline/grounding.py push_codes):
-    ground: bool = False              # push: every code becomes its nearest training patch (grounding 1.0); off by
-                                      # default: on the raw cosine it costs 8-19 points of top-1 on make-birds, with
-                                      # projection_dim 64 about 1 (README)
+    ground: bool = True               # push: every code becomes its nearest training patch (grounding 1.0); with
+                                      # the projection it costs about 1 point of top-1 (README, "A grounded head")
     sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
     sparsity_rule: str = "deviance"   # path: how the point is chosen (pipeline/sparsity.py RULES)
     sparsity_tolerance: float = 0.01  # path, rule accuracy: the sparsest head within this of the best val top-1
@@ -88,11 +90,12 @@ class TrainSettings:
 
 
 SPARSITY_METHODS = ("path", "topk", "none")
+PROJECTION_LEARNS = ("fine", "all")
 
 # What a run recorded before a setting existed did instead: a replay, a resume or a prune of an older run
 # keeps its method rather than silently taking today's default.
 LEGACY_SETTINGS = {"anchor": 0.0, "sparsity_rule": "accuracy", "sparsity": "none", "ground": False, "refit_memory": "all",
-                   "projection_dim": 0, "projection_lr": 1e-3}
+                   "projection_dim": 0, "projection_lr": 1e-3, "projection_learns": "all"}
 
 
 def with_legacy_settings(recorded: dict) -> dict:
@@ -114,6 +117,8 @@ def check_train_settings(s: TrainSettings) -> None:
             raise ProtoquantError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if s.projection_dim < 0:
         raise ProtoquantError(f"--projection-dim must be 0 (no projection) or more, got {s.projection_dim}")
+    if s.projection_learns not in PROJECTION_LEARNS:
+        raise ProtoquantError(f"--projection-learns {s.projection_learns!r}: choose {' or '.join(PROJECTION_LEARNS)}")
     if not (math.isfinite(s.tau) and s.tau > 0):
         raise ProtoquantError(f"--tau must be a finite number > 0, got {s.tau}")
     if not (0 <= s.label_smoothing < 1):
@@ -440,17 +445,29 @@ def projection_start(settings: TrainSettings, train_rows: np.ndarray, split, sca
 
 
 def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings, projection: tuple | None, *,
-                 device: torch.device) -> nn.Module:
+                 device: torch.device, fine_channels: torch.Tensor | None = None) -> nn.Module:
     """Stage B's head on the stage A codes (train and sweep); with a projection (projection_start) the codes
-    start as their projections."""
+    start as their projections, and with --projection-learns fine the projection learns only on fine_channels
+    ((D,) bool, pipeline.backbones.grid_channels of the cache; None = all)."""
     from pipeline.model import ProtoQuantHead
 
     s = settings
     if projection is not None:
         projection = tuple(t.to(device) for t in projection)
         codes = codes.to(device).float() @ projection[0].T + projection[1]  # (K, D) -> (K, d)
-    return ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
+    head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
                           projection=projection).to(device)
+    if head.projection is not None and s.projection_learns == "fine" and fine_channels is not None:
+        _keep_columns(head.projection.weight, ~fine_channels.to(device))
+    return head
+
+
+def _keep_columns(weight: nn.Parameter, kept: torch.Tensor) -> None:
+    """Zero the gradient of weight's kept columns ((D,) bool), so they stay at their start: AdamW without weight
+    decay (head_phase gives the projection none) moves a parameter only where its gradient is nonzero."""
+    if kept.any():
+        learned = (~kept).to(weight.dtype)[None, :]  # (1, D)
+        weight.register_hook(lambda grad: grad * learned)
 
 
 def head_phase(name: str, head: nn.Module, settings: TrainSettings, epochs: int, val: FeatureSource,

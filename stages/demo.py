@@ -58,10 +58,10 @@ class DemoSettings:
     @property
     def recipe(self) -> str:
         return (f"grid from --layers {self.layers} (stride 16+32 for this CNN), --crop-mode {self.crop_mode} "
-                f"--crop-pct {self.crop_pct:g}, K = {self.k}; train's defaults: codes anchored near the training "
-                "patches they match (no push: on the raw cosine it cost 19 points here; --projection-dim 64 "
-                "--ground makes every prototype a training patch at about 1 point, with less evidence on the "
-                "defining parts), W refit along a non-negative path, 99% L1")
+                f"--crop-pct {self.crop_pct:g}, K = {self.k}; train's defaults: codes and patches compared through "
+                "a learned 128-dimensional projection (learned on the stride-16 channels), codes anchored near the "
+                "training patches they match, then pushed onto their nearest training patch (every prototype IS "
+                "a training patch), W refit along a non-negative path, 99% L1")
 
     def train_settings(self):
         from pipeline.training import TrainSettings
@@ -69,9 +69,9 @@ class DemoSettings:
         given = {"epochs": self.epochs, "probe_epochs": self.probe_epochs, "codebook_epochs": self.codebook_epochs}
         return TrainSettings(seed=self.seed, **{k: v for k, v in given.items() if v is not None})
 
-    def grounded_settings(self):
-        """The variant beside the default head: every prototype a training patch (README, "A grounded head")."""
-        return replace(self.train_settings(), **GROUNDED)
+    def raw_settings(self):
+        """The variant beside the default head: the paper's raw cosine, codes not pushed (README, "A grounded head")."""
+        return replace(self.train_settings(), **RAW)
 
 
 FULL = DemoSettings()
@@ -79,7 +79,8 @@ FULL = DemoSettings()
 # the head empty or one class), 40 at 128 px too; this one gave 0.625 and 0.500 on seeds 0 and 1 in about 25 s.
 QUICK = DemoSettings(classes=4, per_class=40, size=224, k=64, explain_images=2, metric_images=4, workers=0)
 TOP_K = (1, 2, 3, 5, 10)
-GROUNDED = {"projection_dim": 64, "ground": True}  # train's options for the report's second column
+RAW = {"projection_dim": 0, "ground": False}  # train's options for the report's second column
+RAW_OPTIONS = "--projection-dim 0 --no-ground"  # the same, as typed
 # The paper's per-class top-k without retraining on CUB-200 (METHOD.md), beside ours on the report's chart.
 PAPER_FULL_HEAD = 0.866
 PAPER_TOP_K = ((1, 0.678), (3, 0.774), (5, 0.799), (10, 0.832), (50, 0.847))
@@ -144,8 +145,8 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     out.mkdir(parents=True, exist_ok=True)
     steps = _Steps(out, settings, say)
     birds, cache, codebook, run = out / "birds", out / "birds.zarr", out / "codebook.safetensors", out / "run"
-    grounded = out / "run-grounded"
-    figures_path, grounded_path = out / "figures.json", out / "figures-grounded.json"
+    raw = out / "run-raw"
+    figures_path, raw_path = out / "figures.json", out / "figures-raw.json"
 
     steps.run("make-birds", [birds / "images.txt"], lambda: make_birds(
         birds, classes=settings.classes, per_class=settings.per_class, size=settings.size, seed=settings.seed,
@@ -158,9 +159,9 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
               after=("extract",))
     steps.run("train", [run / "head.safetensors"], lambda: train(
         cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress), after=("codebook",))
-    steps.run("train-grounded", [grounded / "head.safetensors"], lambda: train(
-        cache, codebook, grounded, settings.grounded_settings(), overwrite=True, progress=progress),
-        after=("codebook",), extra={"grounded": GROUNDED})
+    steps.run("train-raw", [raw / "head.safetensors"], lambda: train(
+        cache, codebook, raw, settings.raw_settings(), overwrite=True, progress=progress),
+        after=("codebook",), extra={"raw": RAW})
 
     def measure(run_path: Path, path: Path) -> None:
         evaluation = evaluate(run_path, cache=cache, split="test").to_json()
@@ -170,15 +171,14 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
                           "top_k": top_k_curve(run_path, cache, TOP_K)})
 
     steps.run("evaluate", [figures_path], lambda: measure(run, figures_path), after=("train",))
-    steps.run("evaluate-grounded", [grounded_path], lambda: measure(grounded, grounded_path), after=("train-grounded",),
-              extra={"grounded": GROUNDED})
+    steps.run("evaluate-raw", [raw_path], lambda: measure(raw, raw_path), after=("train-raw",), extra={"raw": RAW})
     steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds),
               after=("train",))
     test_images = _test_images(cache, birds, settings.explain_images)
     steps.run("explain", [out / "explain" / "index.html"], lambda: explain(run, test_images, out / "explain", cache=cache, data=birds),
               after=("train",))
 
-    figures = {**json.loads(figures_path.read_text()), "grounded": json.loads(grounded_path.read_text())}
+    figures = {**json.loads(figures_path.read_text()), "raw": json.loads(raw_path.read_text())}
     report = write_report(out, run, figures, settings)
     return DemoResult(out=out, report=report, figures=figures, seconds=time.perf_counter() - started,
                       skipped_steps=steps.skipped)
@@ -226,15 +226,15 @@ def _percent(value) -> str:
 def write_report(out: Path, run_path: Path, figures: dict, settings: DemoSettings) -> Path:
     """DIR/index.html (and DIR/style.css): the figures, two plots, and links to the gallery and the explanations."""
     evaluation, interp, curve = figures["evaluation"], figures["interpretability"], figures["top_k"]
-    grounded = figures["grounded"]
-    variant = _result_rows(grounded["evaluation"], grounded["interpretability"], grounded["top_k"])
+    raw = figures["raw"]
+    variant = _result_rows(raw["evaluation"], raw["interpretability"], raw["top_k"])
     results = [(name, ours, theirs) for (name, ours), (_, theirs) in
                zip(_result_rows(evaluation, interp, curve), variant)]
     per_epoch, top_k = _charts(run_path, curve)
     strip = [p.relative_to(out).as_posix() for p in sorted((out / "gallery" / "thumbs").glob("*.jpg"))[:6]]
     metrics = json.dumps({k: v for k, v in interp.items() if k != "grounding"}, indent=1, default=float)[:4000]
     page = render.render_page("demo_report.html", title="protoquant demo", settings=settings,
-                              results=results, grounded=GROUNDED, strip=strip,
+                              results=results, variant_options=RAW_OPTIONS, strip=strip,
                               per_epoch=per_epoch, top_k=top_k, metrics=metrics)
     render.write_style(out)
     report = out / "index.html"

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from markupsafe import Markup
 
+from pipeline.backbones import grid_channels
 from pipeline.cache import Cache, CacheSplit
 from pipeline.codebook import check_fingerprint, load_codebook
 from pipeline.data import (FeatureSource, RamRows, SourceSettings, carve_validation, evaluation_source, parse_memory,
@@ -345,7 +346,8 @@ class _SweepTrainer:
                 if spec.seed != seed:
                     continue
                 s = spec.settings(base)
-                head = stage_b_head(codes[(seed, spec.codebook)], n_classes, s, projection, device=self.device)
+                head = stage_b_head(codes[(seed, spec.codebook)], n_classes, s, projection, device=self.device,
+                                    fine_channels=grid_channels(self.cache.provenance))
                 phase = head_phase("head", head, s, s.epochs, data.val, self.device, Distributed(device=self.device))
                 members.append(Member(f"head{i}", phase, head, _codes_in_use_of(head)))
                 lane_heads.append(head)

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline.backbones import grid_channels
 from pipeline.cache import Cache
 from pipeline.codebook import check_fingerprint, load_codebook
 from pipeline.data import FeatureSource, SourceSettings, TrainingData, open_training_data, parse_memory
@@ -127,7 +128,7 @@ def train(
         trainer.display = display
         probe = trainer.probe(cache, weights)
         codes = trainer.codebook(codes.to(device), probe)
-        head = trainer.head(codes, len(classes))
+        head = trainer.head(codes, cache)
         metrics = trainer.final_metrics(probe, codes, head)
     metrics["seconds"] = round(time.perf_counter() - started, 3)
     if dist.is_main:
@@ -194,12 +195,13 @@ class _Trainer:
         self.val_scores["quantized_probe"] = self._val_quantized(probe, book.codes)["val_top1"]
         return book.codes.detach().clone()
 
-    def head(self, codes: torch.Tensor, num_classes: int) -> ProtoQuantHead:
+    def head(self, codes: torch.Tensor, cache: Cache) -> ProtoQuantHead:
         """Stage B: the interpretable head on the stage A codes."""
         s = self.settings
         projection = projection_start(s, self.data.train_rows, self.data.train.split,
                                       lambda rows: self._scan(rows).batches(0))
-        head = stage_b_head(codes, num_classes, s, projection, device=self.device)
+        head = stage_b_head(codes, len(cache.classes), s, projection, device=self.device,
+                            fine_channels=grid_channels(cache.provenance))
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
         self.val_scores["stage_b"] = self._val(head)
         self.push, sparsity = after_stage_b(head, s, lambda: self._scan(self.data.train_rows).batches(0),

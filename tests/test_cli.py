@@ -57,6 +57,7 @@ def cli_run(parts_store, tmp_path_factory) -> dict:
     ("--l1-ratio", "0", "(0, 1]"), ("--l1-ratio", "1.5", "(0, 1]"), ("--l1-ratio", "nan", "(0, 1]"),
     ("--refit-memory", "lots", "auto or all"), ("--refit-memory", "-2GB", "auto or all"),
     ("--projection-dim", "-1", "greater than or equal to 0"), ("--projection-lr", "-1", "a negative rate"),
+    ("--projection-learns", "coarse", "choose fine or all"),
 ])
 def test_train_refuses_bad_numbers_in_one_line(tmp_path, option, value, rule) -> None:
     result = invoke("train", tmp_path / "missing.zarr", "--codebook", tmp_path / "cb.safetensors",
@@ -196,8 +197,10 @@ def test_info_on_a_run_says_it_is_a_run(cli_run) -> None:
     assert "extract" not in result.output
     summary = json.loads(invoke("info", cli_run["run"], "--json").stdout)
     assert summary["kind"] == "run" and summary["k"] == 16 and summary["cache"] == str(Path(cli_run["cache"]).resolve())
-    assert summary["projection_dim"] == 0 and summary["pushed"] is False and 0 < summary["grounding"] < 1
-    assert f"on the raw cosine; trained codes, not pushed; grounding {summary['grounding']:.3f}" in result.stdout
+    # train's defaults: a projection to 128 dimensions, here at most the cache's 96, then the push
+    assert summary["projection_dim"] == 96 and summary["pushed"] is True and summary["grounding"] > 1 - 1e-5
+    assert ("through a learned 96-dimensional projection; pushed: every code is a training patch; grounding "
+            f"{summary['grounding']:.3f}") in result.stdout
 
 
 def test_an_error_message_with_brackets_is_printed_verbatim() -> None:

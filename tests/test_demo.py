@@ -14,7 +14,7 @@ import pytest
 from stages.demo import QUICK, demo
 from tests.test_pages import browser, crawl  # noqa: F401  (browser is a fixture)
 
-STEPS = ["make-birds", "extract", "codebook", "train", "train-grounded", "evaluate", "evaluate-grounded", "gallery", "explain"]
+STEPS = ["make-birds", "extract", "codebook", "train", "train-raw", "evaluate", "evaluate-raw", "gallery", "explain"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_quick_demo_runs_every_stage_then_skips_them_all(quick_demo) -> None:
     assert second.skipped_steps == STEPS                  # the backbone does not run again
     figures = first.figures
     assert figures == second.figures
-    assert {**json.loads((out / "figures.json").read_text()), "grounded": json.loads((out / "figures-grounded.json").read_text())} == figures
+    assert {**json.loads((out / "figures.json").read_text()), "raw": json.loads((out / "figures-raw.json").read_text())} == figures
 
     evaluation = figures["evaluation"]
     assert evaluation["n"] == _test_images(out) == QUICK.classes * 12  # make-birds keeps 12 of 40 per class for test
@@ -54,15 +54,15 @@ def test_quick_demo_runs_every_stage_then_skips_them_all(quick_demo) -> None:
     interp = figures["interpretability"]
     assert {"purity", "misalignment", "stability", "deletion", "grounding"} <= set(interp)
     assert interp["grounding"]["codes"] == evaluation["codes_used"]  # grounding is reported over the codes in use
-    grounding = interp["grounding"]  # anchored, not pushed (train's default): near real patches, not on them
-    assert 0.5 < grounding["min_cosine"] <= grounding["mean_cosine"] < 0.999
+    grounding = interp["grounding"]  # pushed (train's default): every prototype a training patch
+    assert grounding["min_cosine"] > 0.9999
 
-    variant = figures["grounded"]  # the second column: every prototype a training patch
-    assert variant["interpretability"]["grounding"]["min_cosine"] > 0.9999
+    variant = figures["raw"]  # the second column: trained codes on the raw cosine, near real patches, not on them
+    assert 0.5 < variant["interpretability"]["grounding"]["min_cosine"] < 0.999
     assert variant["evaluation"]["n"] == evaluation["n"] and variant["evaluation"]["codes_total"] == QUICK.k
     report = (out / "index.html").read_text()
     assert "gallery/index.html" in report and "explain/index.html" in report and "<svg" in report
-    assert "<code>--projection-dim 64</code> <code>--ground</code>" in report and "grounded variant" in report
+    assert "<code>--projection-dim 0 --no-ground</code>" in report and "raw cosine, not pushed" in report
     assert f"<td>{100 * variant['evaluation']['top1']:.1f}%</td>" in report
     assert (out / "gallery" / "index.html").is_file() and (out / "explain" / "index.html").is_file()
 
@@ -80,13 +80,13 @@ def test_quick_demo_head_beats_chance(quick_demo) -> None:
 
 
 def test_a_step_runs_again_when_one_it_comes_after_did(quick_demo) -> None:
-    """The grounded head deleted: it is trained again and so are its figures (not kept stale); the rest is skipped."""
+    """The raw-cosine head deleted: it is trained again and so are its figures (not kept stale); the rest is skipped."""
     import shutil
 
     out = quick_demo["out"]
-    shutil.rmtree(out / "run-grounded")
+    shutil.rmtree(out / "run-raw")
     third = demo(out, quick=True, say=lambda _: None)
-    assert third.skipped_steps == [s for s in STEPS if s not in ("train-grounded", "evaluate-grounded")]
+    assert third.skipped_steps == [s for s in STEPS if s not in ("train-raw", "evaluate-raw")]
     assert third.figures == quick_demo["first"].figures  # the same settings give the same head and figures
 
 

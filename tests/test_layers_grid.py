@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.backbones import FINAL, extract_grid, load_backbone, load_backbone_for_cache
+from pipeline.backbones import FINAL, extract_grid, grid_channels, load_backbone, load_backbone_for_cache
 from pipeline.cache import Cache
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import Preprocessing
@@ -218,3 +218,33 @@ def test_a_default_extraction_is_the_measured_recipe_and_records_it_truthfully(i
     old = Cache(tmp_path / "old.zarr")
     assert old.provenance["layers"] == ["final"] and "layers" not in old.attrs["settings"] and old.grid == (2, 2)
     assert old.provenance["data_config"]["crop_mode"] == "center" and old.provenance["data_config"]["crop_pct"] == 0.875
+
+
+def test_grid_channels_mark_the_maps_at_the_grids_own_resolution() -> None:
+    layered = {"grid": [8, 8], "dim": 144, "layer_shapes": [[8, 8, 48], [2, 2, 96]]}
+    assert grid_channels(layered).tolist() == [True] * 48 + [False] * 96
+    coarse_first = {"grid": [8, 8], "dim": 144, "layer_shapes": [[2, 2, 96], [8, 8, 48]]}  # --layers final,2
+    assert grid_channels(coarse_first).tolist() == [False] * 96 + [True] * 48
+    assert grid_channels({"grid": [2, 2], "dim": 96}).all()  # one map (or a cache from before layers)
+
+
+def test_the_projection_learns_on_the_fine_channels_and_keeps_the_coarse_ones(layered, tmp_path) -> None:
+    """--projection-learns fine (the default): the columns reading the upsampled final map stay at the start."""
+    from dataclasses import replace
+
+    from pipeline.model import load_head
+    from stages.codebook import CodebookSettings, build_codebook
+    from stages.train import train
+    from tests.test_train import FAST
+
+    cache = layered["cache"].path
+    build_codebook(cache, tmp_path / "cb.safetensors", CodebookSettings(k=4, seed=0))
+    fast = replace(FAST, epochs=6, projection_dim=16, sparsity="none", ground=False, projection_lr=1e-2)
+    weights = {}
+    for name, changes in {"start": {"projection_lr": 0.0}, "fine": {}, "all": {"projection_learns": "all"}}.items():
+        train(cache, tmp_path / "cb.safetensors", tmp_path / name, replace(fast, **changes))
+        weights[name] = load_head(tmp_path / name / "head.safetensors")[0].projection.weight
+    start, fine, every = weights["start"], weights["fine"], weights["all"]
+    assert torch.equal(fine[:, 48:], start[:, 48:])  # the final map's 96 channels: exactly their principal directions
+    assert (fine[:, :48] - start[:, :48]).abs().max() > 1e-3  # stage 2's 48 channels learned
+    assert (every[:, 48:] - start[:, 48:]).abs().max() > 1e-3  # with "all", every column learns

@@ -319,10 +319,10 @@ def test_every_page_escapes_class_file_and_run_names(hostile_run):
     interp = {"purity": {"mean": 0.5, "above_0_5": PAYLOADS[0]}, "note": PAYLOADS[2]}
     curve = [{"k": 1, "top1": 0.4, "codes_used": 3, "local_size": 1.0, "full": False},
              {"k": 6, "top1": 0.5, "codes_used": 4, "local_size": 2.0, "full": True}]
-    grounded = {"evaluation": evaluation, "interpretability": {"purity": {"mean": 0.4, "above_0_5": PAYLOADS[1]}},
+    raw = {"evaluation": evaluation, "interpretability": {"purity": {"mean": 0.4, "above_0_5": PAYLOADS[1]}},
                 "top_k": curve}  # the second column carries hostile text too
     report = write_report(root / "site", run, {"evaluation": evaluation, "interpretability": interp, "top_k": curve,
-                                               "grounded": grounded}, QUICK)
+                                               "raw": raw}, QUICK)
     assert_escaped(report, (PAYLOADS[0], PAYLOADS[1]))
     assert (root / "site" / "style.css").read_text() == (root / "site" / "gallery" / "style.css").read_text()
 

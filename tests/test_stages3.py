@@ -170,7 +170,8 @@ def test_prune_removes_named_and_rarely_used_codes_counted_on_train(trained, tmp
     keep[[3, 5]] = False
     existing = keep.nonzero().flatten()
     train_split = Cache(trained["cache"]).split("train")
-    counts = code_usage(original.codes[existing], (f for f, _ in evaluation_source(train_split, batch_size=64).batches(0)))
+    patches = (original.embed(f) for f, _ in evaluation_source(train_split, batch_size=64).batches(0))  # as the codes see them
+    counts = code_usage(original.codes[existing], patches)
     rare = existing[counts.float() / counts.sum() < 0.05].tolist()
     assert result.removed_by_usage == rare
     already_gone = set(original.code_mask.logical_not().nonzero().flatten().tolist())

@@ -360,7 +360,8 @@ def test_default_head_is_sparse_and_the_chosen_point_obeys_its_rule(parts, tmp_p
     per_class = (head.effective_weight() > 0.1).sum(dim=1).float()
     assert float(per_class.mean()) == pytest.approx(chosen["local_size"])
     assert metrics["val_top1"]["head"] == pytest.approx(chosen["val_top1"], abs=1e-6)
-    assert not grounding["pushed"] and grounding["mean_max_cosine_in_use"] < 1 - 1e-3  # trained codes, not patches
+    assert grounding["pushed"] and grounding["mean_max_cosine_in_use"] > 1 - 1e-5  # grounded: codes are patches
+    assert head.projection is not None and not head.train_codes
     assert (tmp_path / "run" / "sparsity.svg").read_text().startswith("<svg")
 
 
@@ -386,7 +387,7 @@ def test_ground_pushes_every_code_onto_a_training_patch_before_the_refit(parts, 
 
 
 def test_the_anchor_keeps_trained_codes_nearer_real_patches(parts, tmp_path) -> None:
-    fast = replace(FAST, epochs=6, codes_lr=0.3, sparsity="none")
+    fast = replace(FAST, epochs=6, codes_lr=0.3, sparsity="none", ground=False)  # the push would make both 1.0
     cosines = {}
     for anchor in (0.0, 3.0):
         metrics = train(parts["cache"], parts["codebook"], tmp_path / f"a{anchor}", replace(fast, anchor=anchor)).metrics
@@ -428,12 +429,12 @@ def test_sweep_sparsity_prints_the_curve_and_bad_methods_are_one_line(parts, tmp
     table = [line for line in result.output.splitlines() if line[:1].isdigit()]
     assert len(table) == TrainSettings().path_points and sum("<- chosen" in line for line in table) == 1
     assert "weights > 0.1 per class" in result.output and "the sparse refit used" not in result.output
-    assert "--ground on the raw cosine" not in result.output
-    pushed = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "pushed"), "--ground"])
-    assert pushed.exit_code == 0 and "note: --ground on the raw cosine cost 8 to 19 points" in pushed.output
-    projected = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "projected"), "--ground",
-                                             "--projection-dim", "8"])
-    assert projected.exit_code == 0 and "--ground on the raw cosine" not in projected.output
+    assert "on the raw cosine" not in result.output  # the default pushes through the projection: no note
+    pushed = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "pushed"), "--projection-dim", "0"])
+    assert pushed.exit_code == 0 and "note: the push (--ground) on the raw cosine cost 8 to 19 points" in pushed.output
+    raw = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "raw"), "--projection-dim", "0",
+                                       "--no-ground"])
+    assert raw.exit_code == 0 and "on the raw cosine" not in raw.output
     sampled = CliRunner().invoke(cli.app, ["train", *common, "--out", str(tmp_path / "sampled"), "--refit-memory", "12KB"])
     assert sampled.exit_code == 0, sampled.output
     recorded = json.loads((tmp_path / "sampled" / "metrics.json").read_text())["sparsity"]
