@@ -5,10 +5,11 @@ Three phases, each selecting its best epoch on a validation split carved from tr
                (or, with use_backbone_head, the timm model's own classifier: no training)
     codebook   stage A: every patch replaced by its nearest code (cosine argmax, raw code), the
                quantized grid through the frozen probe; cross-entropy + dictionary MSE; only codes learn
-    head       stage B: cosine similarity, softmax over codes (tau), spatial max, relu(W) with
-               W ~ N(1, 0.1); codes frozen unless train_codes, then held near real patches by the
-               anchor term; optional L1 on relu(W)
-    ground     (no epochs, off by default) every code becomes its nearest training patch (ProtoPNet's push)
+    head       stage B: cosine similarity (through the learned projection, projection_dim: on a grid of
+               several maps it learns on the finest map's channels only), softmax over codes (tau),
+               spatial max, relu(W) with W ~ N(1, 0.1); codes frozen unless train_codes, then held near
+               real patches by the anchor term; optional L1 on relu(W)
+    ground     (no epochs, on by default) every code becomes its nearest training patch (ProtoPNet's push)
     sparsity   path: W refit on the cached presence by a non-negative elastic-net path, the sparsest
                point within one standard error of the lowest validation cross-entropy kept (sparsity_rule
                deviance; accuracy: within sparsity_tolerance of the best val top-1; pipeline/sparsity.py);
