@@ -190,12 +190,12 @@ def refit_note(sparsity: dict, settings_text: str) -> str | None:
 
 
 ProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="Stage B compares patches and codes through a learned linear map to this many dimensions (at most D; ProtoPNet's add-on layer on the frozen features; it starts as the training patches' top principal directions and trains with the codes, on the channels --projection-learns names). Default 128: then the push (--ground) costs about 1 point of top-1 instead of 8 to 19, so every prototype is a training patch. 0 = the raw cosine of the paper (pass --no-ground with it) (README, \"A grounded head\").")]
-SweepProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="As train's --projection-dim (default 128): stage B compares patches and codes through a learned linear map to this many dimensions (at most D; started from the patches' principal directions, trained at train's --projection-lr 1e-3 on train's --projection-learns fine channels); 0 = the raw cosine. A sweep does not push: its heads are train's before the push, which costs about 1 point of top-1 (train --ground, the default, pushes).")]
+SweepProjectionDimOpt = Annotated[int, typer.Option("--projection-dim", min=0, help="As train's --projection-dim (default 128): stage B compares patches and codes through a learned linear map to this many dimensions (at most D; started from the patches' principal directions, trained at train's --projection-lr 1e-3 on train's --projection-learns fine channels); 0 = the raw cosine (pass --no-ground with it).")]
 RefitMemoryOpt = Annotated[str, typer.Option("--refit-memory", callback=_refit_memory, help="RAM the sparse refit (--sparsity path) may hold: the presence of every training and validation row, rows x (4 K + 32 C) bytes. Above it the refit uses a stratified sample of the rows that fits (the same share of every class, at least 10 training rows each; metrics.json records the share). auto = half the RAM free when training starts; all = every row, or refuse before training.")]
 L1RatioOpt = Annotated[float, float_option("--l1-ratio", low_open=True, high=1.0, high_open=False, help="The L1 share of the penalty along the sparse refit's path (--sparsity path), in (0, 1]. Near 1 the path acts as the non-negative lasso: of codes that carry the same evidence it keeps one, where a larger ridge share spreads weight over all of them (measured: 0.9 gave the same top-1 with up to twice the codes per class and purity 0.44-0.51 instead of 0.66-0.79); the 1% ridge makes each solve's optimum unique (the lasso's is not when codes are collinear).")]
 WeightDecayOpt = Annotated[float, float_option("--weight-decay", help="AdamW weight decay of the probe and of W (>= 0).")]
 LabelSmoothingOpt = Annotated[float, float_option("--label-smoothing", high=1.0, hint=" (0 turns it off)", help="Label smoothing of every cross-entropy, in [0, 1).")]
-TrainCodesOpt = Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes too (the paper's default, more accurate) or keeps the stage A codes (see grounding in metrics.json).")]
+TrainCodesOpt = Annotated[bool, typer.Option("--train-codes/--freeze-codes", help="Stage B trains the codes (and the projection) too, the paper's default and more accurate, or keeps the stage A codes and the projection's start; the push (--ground, on by default) then still replaces the codes by training patches (see grounding in metrics.json).")]
 BackboneOpt = Annotated[str, typer.Option("--backbone", "-b", help="Any timm model name, e.g. convnext_tiny, resnet50, vit_small_patch16_224, tf_efficientnet_lite0.")]
 
 
@@ -485,6 +485,7 @@ def sweep(
     codes_lr: CodesLrOpt = 0.1,
     anchor: AnchorOpt = 1.0,
     projection_dim: SweepProjectionDimOpt = 128,
+    ground: Annotated[bool, typer.Option("--ground/--no-ground", help="As train's --ground (on by default): every head's codes are pushed onto their nearest training patches before the path refit, one pass over the training split per head.")] = True,
     weight_decay: WeightDecayOpt = 1e-4,
     label_smoothing: LabelSmoothingOpt = 0.1,
     train_codes: TrainCodesOpt = True,
@@ -512,7 +513,7 @@ def sweep(
     settings = TrainSettings(
         epochs=epochs, probe_epochs=probe_epochs, codebook_epochs=codebook_epochs, batch_size=batch_size,
         probe_lr=probe_lr, codebook_lr=codebook_lr, head_lr=head_lr, codes_lr=codes_lr, weight_decay=weight_decay,
-        anchor=anchor, projection_dim=projection_dim, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
+        anchor=anchor, projection_dim=projection_dim, ground=ground, label_smoothing=label_smoothing, train_codes=train_codes, val_fraction=val_fraction,
         max_memory=max_memory, use_views=views, device=device, path_l1_ratio=path_l1_ratio,
         refit_memory=refit_memory)
     say = None if json_out else (lambda line: console.print(line, highlight=False))
@@ -888,7 +889,7 @@ def _show_run(path: Path, json_out: bool) -> None:
                           f"validation top-1 {json.dumps(_json_clean(summary['val_top1']))}", highlight=False,
                           soft_wrap=True)
     if summary["grounding"] is not None:
-        space = f"through a learned {summary['projection_dim']}-dimensional projection" if summary["projection_dim"] \
+        space = f"through a {summary['projection_dim']}-dimensional projection" if summary["projection_dim"] \
             else "on the raw cosine"
         how = "pushed: every code is a training patch" if summary["pushed"] else "trained codes, not pushed"
         out_console.print(f"codes compared with patches {space}; {how}; grounding {summary['grounding']:.3f}",

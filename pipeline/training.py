@@ -57,7 +57,8 @@ class TrainSettings:
     label_smoothing: float = 0.1
     dict_weight: float = 1.0          # METHOD.md stage A: weight of the dictionary MSE
     tau: float = 0.1
-    train_codes: bool = True          # the paper's default; False keeps the stage A codes (grounded)
+    train_codes: bool = True          # the paper's default; False keeps the stage A codes (and the projection's
+                                      # start) through stage B; the push still replaces them
     l1: float = 2e-3                  # L1 on relu(W), per weight
     anchor: float = 1.0               # stage B: pull of each code toward its best-matching patch in the batch
     projection_dim: int = 128         # stage B: patches and codes through a learned linear map to this many
@@ -457,7 +458,8 @@ def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings,
         codes = codes.to(device).float() @ projection[0].T + projection[1]  # (K, D) -> (K, d)
     head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
                           projection=projection).to(device)
-    if head.projection is not None and s.projection_learns == "fine" and fine_channels is not None:
+    if head.projection is not None and head.projection.weight.requires_grad and s.projection_learns == "fine" \
+            and fine_channels is not None:  # (with frozen codes the projection does not learn at all)
         _keep_columns(head.projection.weight, ~fine_channels.to(device))
     return head
 

@@ -158,10 +158,11 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
     steps.run("codebook", [codebook], lambda: build_codebook(cache, codebook, CodebookSettings(k=settings.k, seed=settings.seed)),
               after=("extract",))
     steps.run("train", [run / "head.safetensors"], lambda: train(
-        cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress), after=("codebook",))
+        cache, codebook, run, settings.train_settings(), overwrite=True, progress=progress), after=("codebook",),
+        extra={"train": asdict(settings.train_settings())})  # a demo folder of older defaults trains again
     steps.run("train-raw", [raw / "head.safetensors"], lambda: train(
         cache, codebook, raw, settings.raw_settings(), overwrite=True, progress=progress),
-        after=("codebook",), extra={"raw": RAW})
+        after=("codebook",), extra={"train": asdict(settings.raw_settings())})
 
     def measure(run_path: Path, path: Path) -> None:
         evaluation = evaluate(run_path, cache=cache, split="test").to_json()
@@ -171,7 +172,7 @@ def demo(out: str | Path = "demo-out", *, quick: bool = False, say: Callable[[st
                           "top_k": top_k_curve(run_path, cache, TOP_K)})
 
     steps.run("evaluate", [figures_path], lambda: measure(run, figures_path), after=("train",))
-    steps.run("evaluate-raw", [raw_path], lambda: measure(raw, raw_path), after=("train-raw",), extra={"raw": RAW})
+    steps.run("evaluate-raw", [raw_path], lambda: measure(raw, raw_path), after=("train-raw",))
     steps.run("gallery", [out / "gallery" / "index.html"], lambda: gallery(run, out / "gallery", cache=cache, data=birds),
               after=("train",))
     test_images = _test_images(cache, birds, settings.explain_images)

@@ -315,9 +315,17 @@ def _local_size(head: ProtoQuantHead) -> dict:
 def _resume_key(config: dict) -> dict:
     """What must not change between a stopped run and its resumption: settings, the cache, the codebook's codes,
     the validation rows and the resolved data path (RAM or streamed: they visit rows in another order)."""
-    settings = {k: v for k, v in config["settings"].items() if k not in RESUMABLE_CHANGES}
-    return {"settings": settings, "cache": config["cache"]["fingerprint"], "codebook": config["codebook"]["codes_sha256"],
+    return {"settings": _compared_settings(config["settings"]), "cache": config["cache"]["fingerprint"], "codebook": config["codebook"]["codes_sha256"],
             "validation": config["validation"]["rows_sha256"], "data_path": config["data"]["path"]}
+
+
+def _compared_settings(settings: dict) -> dict:
+    """The settings a resumed run must share with its start: all but RESUMABLE_CHANGES, and the projection's
+    own options only when there is a projection (without one they change nothing)."""
+    compared = {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
+    if not compared.get("projection_dim"):
+        compared = {k: v for k, v in compared.items() if k not in ("projection_lr", "projection_learns")}
+    return compared
 
 
 def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
@@ -327,8 +335,7 @@ def _read_checkpoint(path: Path, config: dict) -> dict[str, PhaseState]:
     tensors, fields = read_artifact(path, kind="checkpoint")
     theirs, ours = dict(fields.get("resume_key", {})), _resume_key(config)
     if "settings" in theirs:  # a checkpoint older than some settings ran without them
-        theirs["settings"] = {k: v for k, v in with_legacy_settings(theirs["settings"]).items()
-                              if k not in RESUMABLE_CHANGES}
+        theirs["settings"] = _compared_settings(with_legacy_settings(theirs["settings"]))
     if theirs != ours:
         diff = sorted(k for k in set(theirs.get("settings", {})) | set(ours["settings"])
                       if theirs.get("settings", {}).get(k) != ours["settings"].get(k))

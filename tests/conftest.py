@@ -7,6 +7,7 @@ small random-noise pictures saved with PIL in a real format, so readers and deco
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,20 @@ class DataTruth:
     files: dict[str, list[tuple[str, int]]]
     boxes: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     parts: dict[str, tuple[tuple[float, float, int], ...]] = field(default_factory=dict)
+
+
+@contextmanager
+def one_thread():
+    """torch on one thread in this process, as in a subprocess started with OMP_NUM_THREADS=1: float sums
+    then round alike on both sides (the projection's start, principal directions, turns rounding into heads)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def write_noise_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (32, 24)) -> None:

@@ -199,7 +199,7 @@ def test_info_on_a_run_says_it_is_a_run(cli_run) -> None:
     assert summary["kind"] == "run" and summary["k"] == 16 and summary["cache"] == str(Path(cli_run["cache"]).resolve())
     # train's defaults: a projection to 128 dimensions, here at most the cache's 96, then the push
     assert summary["projection_dim"] == 96 and summary["pushed"] is True and summary["grounding"] > 1 - 1e-5
-    assert ("through a learned 96-dimensional projection; pushed: every code is a training patch; grounding "
+    assert ("through a 96-dimensional projection; pushed: every code is a training patch; grounding "
             f"{summary['grounding']:.3f}") in result.stdout
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pipeline.distributed import Distributed
+from tests.conftest import one_thread
 from tests.test_train import FAST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +66,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(parts_store, tmp_path, projection_dim) -> None:
     """2 ranks x --batch-size 8 under torchrun = 1 process x 16, phase by phase; rank 0 alone writes the run.
 
-    Both end at stage B (--sparsity none): the path refit after it is no distributed work, and on this tiny,
+    Both end at stage B (--no-ground --sparsity none; the single process on one thread, as each rank): the push
+    and the path refit after it are no distributed work, and on this tiny,
     nearly separable set its weakest penalty wins, where the objective is so flat along the large weights
     that presence differing by float rounding makes L-BFGS-B stop a few percent apart."""
     from pipeline.cache import Cache
@@ -76,8 +78,9 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(part
     n_train = len(usable_rows(Cache(parts_store["cache"]).split("train"))) - 20  # 20 validation rows
     assert n_train % 2 == 0  # equal shares, so no row is dropped to keep the ranks in step
     single = tmp_path / "single"
-    train(parts_store["cache"], parts_store["codebook"], single,
-          replace(FAST, batch_size=16, sparsity="none", projection_dim=projection_dim))
+    with one_thread():
+        train(parts_store["cache"], parts_store["codebook"], single,
+              replace(FAST, batch_size=16, sparsity="none", ground=False, projection_dim=projection_dim))
 
     ddp = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -85,7 +88,7 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batches(part
                "train", str(parts_store["cache"]), "-c", str(parts_store["codebook"]), "--out", str(ddp),
                "--epochs", str(FAST.epochs), "--probe-epochs", str(FAST.probe_epochs),
                "--codebook-epochs", str(FAST.codebook_epochs), "--batch-size", "8", "--probe-lr", str(FAST.probe_lr),
-               "--val-fraction", str(FAST.val_fraction), "--sparsity", "none", "--projection-dim", str(projection_dim),
+               "--val-fraction", str(FAST.val_fraction), "--sparsity", "none", "--no-ground", "--projection-dim", str(projection_dim),
                "--device", "cpu", "--json"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})

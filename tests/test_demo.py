@@ -88,6 +88,12 @@ def test_a_step_runs_again_when_one_it_comes_after_did(quick_demo) -> None:
     third = demo(out, quick=True, say=lambda _: None)
     assert third.skipped_steps == [s for s in STEPS if s not in ("train-raw", "evaluate-raw")]
     assert third.figures == quick_demo["first"].figures  # the same settings give the same head and figures
+    state = json.loads((out / "demo-state.json").read_text())  # as a demo folder made with train's older defaults
+    state["train"]["train"]["projection_dim"] = 0
+    (out / "demo-state.json").write_text(json.dumps(state))
+    fourth = demo(out, quick=True, say=lambda _: None)
+    assert fourth.skipped_steps == [s for s in STEPS if s not in ("train", "evaluate", "gallery", "explain")]
+    assert fourth.figures == quick_demo["first"].figures
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path) -> None:

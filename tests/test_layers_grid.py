@@ -241,10 +241,12 @@ def test_the_projection_learns_on_the_fine_channels_and_keeps_the_coarse_ones(la
     build_codebook(cache, tmp_path / "cb.safetensors", CodebookSettings(k=4, seed=0))
     fast = replace(FAST, epochs=6, projection_dim=16, sparsity="none", ground=False, projection_lr=1e-2)
     weights = {}
-    for name, changes in {"start": {"projection_lr": 0.0}, "fine": {}, "all": {"projection_learns": "all"}}.items():
+    runs = {"start": {"projection_lr": 0.0}, "fine": {}, "all": {"projection_learns": "all"}, "frozen": {"train_codes": False}}
+    for name, changes in runs.items():
         train(cache, tmp_path / "cb.safetensors", tmp_path / name, replace(fast, **changes))
         weights[name] = load_head(tmp_path / name / "head.safetensors")[0].projection.weight
     start, fine, every = weights["start"], weights["fine"], weights["all"]
     assert torch.equal(fine[:, 48:], start[:, 48:])  # the final map's 96 channels: exactly their principal directions
     assert (fine[:, :48] - start[:, :48]).abs().max() > 1e-3  # stage 2's 48 channels learned
     assert (every[:, 48:] - start[:, 48:]).abs().max() > 1e-3  # with "all", every column learns
+    assert torch.equal(weights["frozen"], start)  # --freeze-codes: the projection keeps its start too

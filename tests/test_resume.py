@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.model import load_head, load_probe
 from stages.train import train
+from tests.conftest import one_thread
 from tests.test_train import FAST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,17 +46,6 @@ def cli_args(store: dict, run: Path) -> list[str]:
             "--epochs", str(SETTINGS.epochs), "--probe-epochs", str(SETTINGS.probe_epochs),
             "--codebook-epochs", str(SETTINGS.codebook_epochs), "--batch-size", str(SETTINGS.batch_size),
             "--probe-lr", str(SETTINGS.probe_lr), "--val-fraction", str(SETTINGS.val_fraction), "--device", "cpu"]
-
-
-@contextmanager
-def one_thread():
-    """torch on one thread in this process, as in the killed subprocess."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def uninterrupted(store: dict, tmp_path_factory, settings) -> Path:

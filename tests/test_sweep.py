@@ -25,9 +25,10 @@ from stages.sweep import SweepGrid, sweep
 from stages.train import train
 from tests.test_train import FAST
 
-# Stage B only on both sides: the shared product is compared before any refit.
-SHORT = replace(FAST, epochs=4, probe_epochs=3, codebook_epochs=2)
-SHORT = replace(SHORT, **{k: v for k, v in {"ground": False, "sparsity": "none", "l1": 0.0}.items() if hasattr(SHORT, k)})
+# Stage B only on both sides, on the raw cosine: the shared product is compared before any refit (the
+# projected heads, train's default, each take their own product: test_a_projected_sweep_head_...).
+SHORT = replace(FAST, epochs=4, probe_epochs=3, codebook_epochs=2, projection_dim=0, ground=False, sparsity="none",
+                l1=0.0)
 GRID = SweepGrid(seeds=(0, 1), l1=(0.0,), tau=(0.1,))
 TOLERANCE = 1e-5  # the shared similarity product adds in another order than one head's
 
@@ -67,8 +68,11 @@ def test_a_sweep_head_equals_the_head_train_gives(store, tmp_path, codebook, k, 
     assert metrics["best_epoch"] == {p: trained.metrics["best_epoch"][p] for p in ("probe", "codebook", "head")}
 
 
-def test_a_projected_sweep_head_equals_the_head_train_gives(store, tmp_path) -> None:
+@pytest.mark.parametrize("pushed", [False, True], ids=["stage-b", "pushed-and-refit"])
+def test_a_projected_sweep_head_equals_the_head_train_gives(store, tmp_path, pushed) -> None:
     projected = replace(SHORT, projection_dim=12)  # each head takes its own similarity product and grounding
+    if pushed:  # train's default tail: the push in the projection's space, then the path refit
+        projected = replace(projected, ground=True, sparsity="path", path_points=8)
     sweep(store["cache"], store["books"], tmp_path / "sweep", projected, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
     train(store["cache"], store["books"][1], tmp_path / "run", projected)
     swept = tmp_path / "sweep" / _head_name(1, 8, 0)
@@ -76,8 +80,11 @@ def test_a_projected_sweep_head_equals_the_head_train_gives(store, tmp_path) -> 
     heads = [load_head(run / "head.safetensors")[0] for run in (swept, tmp_path / "run")]
     torch.testing.assert_close(heads[0].projection.weight, heads[1].projection.weight, atol=TOLERANCE, rtol=0)
     assert heads[0].codes.shape == (8, 12)
-    groundings = [read_json(run / "metrics.json", "")["grounding"]["mean_max_cosine_in_use"] for run in (swept, tmp_path / "run")]
-    assert groundings[0] == pytest.approx(groundings[1], abs=1e-5)
+    groundings = [read_json(run / "metrics.json", "")["grounding"] for run in (swept, tmp_path / "run")]
+    assert groundings[0]["mean_max_cosine_in_use"] == pytest.approx(groundings[1]["mean_max_cosine_in_use"], abs=1e-5)
+    assert groundings[0]["pushed"] is groundings[1]["pushed"] is pushed
+    if pushed:
+        assert groundings[0]["mean_max_cosine_in_use"] > 1 - 1e-5
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["every-row", "refit-sampled"])

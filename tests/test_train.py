@@ -292,6 +292,20 @@ def test_resume_continues_to_the_same_head(parts, tmp_path) -> None:
         train(parts["cache"], parts["codebook"], tmp_path / "never", settings, resume=True)
 
 
+def test_resume_ignores_the_projections_options_only_without_a_projection() -> None:
+    """A raw-cosine run stopped before --projection-learns existed resumes with today's default for it."""
+    from dataclasses import asdict
+
+    from pipeline.training import with_legacy_settings
+    from stages.train import _compared_settings
+
+    today = asdict(replace(FAST, projection_dim=0, ground=False))
+    recorded = {k: v for k, v in today.items() if k != "projection_learns"}  # legacy: "all"
+    assert _compared_settings(with_legacy_settings(recorded)) == _compared_settings(today)
+    projected = {**today, "projection_dim": 64}
+    assert _compared_settings(with_legacy_settings({**recorded, "projection_dim": 64})) != _compared_settings(projected)
+
+
 def test_existing_run_is_refused_without_overwrite(parts, tmp_path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text('{"format": "protoquant-run", "command": "train"}')
