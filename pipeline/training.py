@@ -78,7 +78,7 @@ class TrainSettings:
     device: str = "auto"
     # After stage B (pipeline/sparsity.py, pipeline/grounding.py push_codes):
     ground: bool = True               # push: every code becomes its nearest training patch (grounding 1.0); with
-                                      # the projection it costs about 1 point of top-1 (README, "A grounded head")
+                                      # the projection the head scores 0-2.4 points of top-1 below the raw one (README, "A grounded head")
     sparsity: str = "path"            # "path": elastic-net refit of W; "topk": cut, drop unused codes, fine-tune; "none"
     sparsity_rule: str = "deviance"   # path: how the point is chosen (pipeline/sparsity.py RULES)
     sparsity_tolerance: float = 0.01  # path, rule accuracy: the sparsest head within this of the best val top-1
