@@ -110,8 +110,9 @@ class _Steps:
 
     def run(self, name: str, outputs: list[Path], action: Callable[[], object], *, after: tuple[str, ...] = (),
             extra: dict | None = None) -> None:
-        """extra: settings of this step beyond the demo's (recorded with them)."""
-        expected = {**self.settings, **(extra or {})}
+        """extra: settings of this step beyond the demo's (recorded with them), and what the steps it comes after
+        recorded: a step whose input step was redone in an earlier, interrupted call runs again too."""
+        expected = {**self.settings, **(extra or {}), "after": {step: self.state.get(step) for step in after}}
         if (self.state.get(name) == expected and all(p.exists() for p in outputs)
                 and not self.ran.intersection(after)):
             self.say(f"[dim]{name}: already done, skipped[/]")

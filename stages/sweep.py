@@ -5,7 +5,8 @@
 The phases of `train` (probe, stage A, stage B) run as three rounds; in each, every block of the
 cache is read once and every model of the round steps on it (pipeline/multihead.py). What is shared:
 one probe per seed (it depends on no codebook), one stage A per (seed, codebook) (it depends on
-neither --l1 nor --tau), and the heads of one seed go through one similarity product.
+neither --l1 nor --tau), and the heads of one seed go through one similarity product (on the raw
+cosine; projected heads, train's default, each take their own).
 
 SWEEP/ holds one ordinary run directory per head (the files `train` writes, so evaluate, gallery,
 explain and prune take it; its config.json replays with `train --config`), plus

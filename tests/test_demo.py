@@ -94,6 +94,11 @@ def test_a_step_runs_again_when_one_it_comes_after_did(quick_demo) -> None:
     fourth = demo(out, quick=True, say=lambda _: None)
     assert fourth.skipped_steps == [s for s in STEPS if s not in ("train", "evaluate", "gallery", "explain")]
     assert fourth.figures == quick_demo["first"].figures
+    state = json.loads((out / "demo-state.json").read_text())  # as if train had been redone by a call stopped
+    state["evaluate"]["after"]["train"] = {"another": "head"}  # before evaluate: its figures are of the old head
+    (out / "demo-state.json").write_text(json.dumps(state))
+    fifth = demo(out, quick=True, say=lambda _: None)
+    assert fifth.skipped_steps == [s for s in STEPS if s != "evaluate"]
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path) -> None:
