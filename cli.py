@@ -7,6 +7,7 @@ exit code 2 - bad options included, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -326,28 +327,16 @@ def recorded_train_options(path: Path) -> dict:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _sparsity_method(value: str) -> str:
-    from pipeline.training import SPARSITY_METHODS
-
-    if value not in SPARSITY_METHODS:
-        raise typer.BadParameter(f"got {value!r}; choose one of {', '.join(SPARSITY_METHODS)}")
-    return value
-
-
-def _projection_learns(value: str) -> str:
-    from pipeline.training import PROJECTION_LEARNS
-
-    if value not in PROJECTION_LEARNS:
-        raise typer.BadParameter(f"got {value!r}; choose {' or '.join(PROJECTION_LEARNS)}")
-    return value
-
-
-def _sparsity_rule(value: str) -> str:
-    from pipeline.sparsity import RULES
-
-    if value not in RULES:
-        raise typer.BadParameter(f"got {value!r}; choose {' or '.join(RULES)}")
-    return value
+def _one_of(module: str, name: str) -> Callable[[str], str]:
+    """An option callback: the value must be one of `module.name` (a tuple of names, imported only when the
+    option is parsed, so start-up stays light)."""
+    def check(value: str) -> str:
+        choices = getattr(importlib.import_module(module), name)
+        if value not in choices:
+            listed = " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+            raise typer.BadParameter(f"got {value!r}; choose {listed}")
+        return value
+    return check
 
 
 @app.command(rich_help_panel="Stages")
@@ -374,10 +363,10 @@ def train(
     anchor: AnchorOpt = 1.0,
     projection_dim: ProjectionDimOpt = 128,
     projection_lr: Annotated[float, learning_rate("--projection-lr", help="Learning rate of the projection (AdamW; >= 0; 0 keeps the principal directions).")] = 1e-3,
-    projection_learns: Annotated[str, typer.Option("--projection-learns", callback=_projection_learns, help="Which cached channels the projection learns on: fine = those of the maps at the grid's own resolution, while a coarser map's channels (upsampled, each value spanning a block of cells) keep their principal directions; all = every channel. Measured on make-birds, fine keeps the top evidence on the defining parts (part box 0.81 against 0.73) at the same top-1 (README, \"A grounded head\"). A cache of one map learns on all either way.")] = "fine",
+    projection_learns: Annotated[str, typer.Option("--projection-learns", callback=_one_of("pipeline.training", "PROJECTION_LEARNS"), help="Which cached channels the projection learns on: fine = those of the maps at the grid's own resolution, while a coarser map's channels (upsampled, each value spanning a block of cells) keep their principal directions; all = every channel. Measured on make-birds, fine keeps the top evidence on the defining parts (part box 0.81 against 0.73) at the same top-1 (README, \"A grounded head\"). A cache of one map learns on all either way.")] = "fine",
     ground: Annotated[bool, typer.Option("--ground/--no-ground", help="After stage B, replace every code by its nearest training patch (ProtoPNet's push), so each prototype IS a training patch (grounding 1.0); W is then refit. On by default: with the projection (--projection-dim 128) the grounded head scored 0 to 2.4 points of top-1 below the raw-cosine one (three sets); on the raw cosine (--projection-dim 0) 8 to 19 points on make-birds (README, \"A grounded head\").")] = True,
-    sparsity: Annotated[str, typer.Option("--sparsity", callback=_sparsity_method, help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
-    sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_sparsity_rule, help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
+    sparsity: Annotated[str, typer.Option("--sparsity", callback=_one_of("pipeline.training", "SPARSITY_METHODS"), help="How the head becomes sparse: path = refit W on the cached presence along a non-negative elastic-net path and keep the head --sparsity-rule picks (default: the sparsest within one standard error of the lowest validation cross-entropy); topk = the paper's stage 2b (each class keeps --sparsity-k weights, unused codes removed, W fine-tuned); none = the dense stage B head.")] = "path",
+    sparsity_rule: Annotated[str, typer.Option("--sparsity-rule", callback=_one_of("pipeline.sparsity", "RULES"), help="--sparsity path: how the head is picked from the path. deviance = the sparsest head whose validation cross-entropy is within one standard error of the lowest (cv.glmnet's default; stable on small validation splits); accuracy = the sparsest within max(--sparsity-tolerance, one standard error) of the best validation top-1.")] = "deviance",
     path_l1_ratio: L1RatioOpt = 0.99,
     refit_memory: RefitMemoryOpt = "auto",
     sparsity_tolerance: Annotated[float, float_option("--sparsity-tolerance", high=1.0, help="--sparsity path --sparsity-rule accuracy: validation top-1 the chosen head may give up against the path's best, in [0, 1).")] = 0.01,
@@ -419,7 +408,7 @@ def train(
     )
     if ground and not projection_dim and is_rank_zero():
         console.print("note: the push (--ground) on the raw cosine cost 8 to 19 points of top-1 on make-birds; "
-                      "with a projection (--projection-dim 128, the default) about 1; --no-ground keeps the trained "
+                      "the default projection (--projection-dim 128) brings that to 0 to 2.4; --no-ground keeps the trained "
                       "codes (README, \"A grounded head\")", highlight=False,
                       soft_wrap=True)
     result = run_train(cache, codebook, out, settings, resume=resume, overwrite=overwrite, weights=weights,

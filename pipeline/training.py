@@ -458,16 +458,16 @@ def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings,
         codes = codes.to(device).float() @ projection[0].T + projection[1]  # (K, D) -> (K, d)
     head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
                           projection=projection).to(device)
-    if head.projection is not None and head.projection.weight.requires_grad and s.projection_learns == "fine" \
-            and fine_channels is not None:  # (with frozen codes the projection does not learn at all)
+    if head.projection is not None and s.projection_learns == "fine" and fine_channels is not None:
         _keep_columns(head.projection.weight, ~fine_channels.to(device))
     return head
 
 
 def _keep_columns(weight: nn.Parameter, kept: torch.Tensor) -> None:
     """Zero the gradient of weight's kept columns ((D,) bool), so they stay at their start: AdamW without weight
-    decay (head_phase gives the projection none) moves a parameter only where its gradient is nonzero."""
-    if kept.any():
+    decay (head_phase gives the projection none) moves a parameter only where its gradient is nonzero. A weight
+    that does not learn (frozen codes freeze the projection) needs nothing."""
+    if weight.requires_grad and kept.any():
         learned = (~kept).to(weight.dtype)[None, :]  # (1, D)
         weight.register_hook(lambda grad: grad * learned)
 

@@ -339,6 +339,7 @@ class _SweepTrainer:
     def _head_round(self, codes: dict[tuple[int, int], torch.Tensor]) -> dict[str, ProtoQuantHead]:
         base, n_classes = self.settings, len(self.cache.classes)
         heads, lanes = {}, []
+        fine_channels = grid_channels(self.cache.provenance)
         for seed in self.seeds:
             data, members, lane_heads, l1, anchor = self.data[seed], [], [], [], []
             projection = projection_start(replace(base, seed=seed), data.train_rows, data.train.split,
@@ -348,7 +349,7 @@ class _SweepTrainer:
                     continue
                 s = spec.settings(base)
                 head = stage_b_head(codes[(seed, spec.codebook)], n_classes, s, projection, device=self.device,
-                                    fine_channels=grid_channels(self.cache.provenance))
+                                    fine_channels=fine_channels)
                 phase = head_phase("head", head, s, s.epochs, data.val, self.device, Distributed(device=self.device))
                 members.append(Member(f"head{i}", phase, head, _codes_in_use_of(head)))
                 lane_heads.append(head)

@@ -50,10 +50,10 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, backbone_head, codes_in_u
 from pipeline.plots import sparsity_chart
 from pipeline.progress import EpochDisplay
 from pipeline.run import finish_run_dir, prepare_run_dir, train_run_config
-from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b, projection_start, refit_rows, stage_b_head,
+from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, accuracy, after_stage_b,
                                check_train_settings, classification_loss, code_grounding, head_phase,
-                               needs_finetune, optimizer_to_artifact, with_legacy_settings,
-                               phase_state_from_artifact, run_phase, state_to_tensors)
+                               needs_finetune, optimizer_to_artifact, phase_state_from_artifact, projection_start,
+                               refit_rows, run_phase, stage_b_head, state_to_tensors, with_legacy_settings)
 
 __all__ = ["TrainSettings", "TrainResult", "train"]
 
@@ -315,8 +315,9 @@ def _local_size(head: ProtoQuantHead) -> dict:
 def _resume_key(config: dict) -> dict:
     """What must not change between a stopped run and its resumption: settings, the cache, the codebook's codes,
     the validation rows and the resolved data path (RAM or streamed: they visit rows in another order)."""
-    return {"settings": _compared_settings(config["settings"]), "cache": config["cache"]["fingerprint"], "codebook": config["codebook"]["codes_sha256"],
-            "validation": config["validation"]["rows_sha256"], "data_path": config["data"]["path"]}
+    return {"settings": _compared_settings(config["settings"]), "cache": config["cache"]["fingerprint"],
+            "codebook": config["codebook"]["codes_sha256"], "validation": config["validation"]["rows_sha256"],
+            "data_path": config["data"]["path"]}
 
 
 def _compared_settings(settings: dict) -> dict:
