@@ -537,13 +537,18 @@ class PreprocessingWarning(UserWarning):
     """The installed timm resolves another data config than the one a cache recorded (the recorded one is used)."""
 
 
-def grid_channels(provenance: dict) -> torch.Tensor:
-    """(D,) bool, one per channel of the cached grid: True where the channel comes from a map at the grid's own
-    resolution (it varies cell by cell), False where a coarser map was upsampled onto the grid (each of its
-    values copied over a block of cells). Caches of one map are all True."""
-    grid, dim = list(provenance["grid"]), int(provenance["dim"])
+def grid_maps(provenance: dict) -> list[tuple[int, int, int, int]]:
+    """(first channel, end channel, block rows, block columns) of each map in the cached grid, in channel
+    order: a coarser map was upsampled onto the grid by copying each of its values over a block of cells
+    (extract_grid: nearest, by an integer factor); a map at the grid's own resolution has blocks of 1 x 1.
+    Caches of one map (and caches from before layers) are one map of 1 x 1 blocks."""
+    grid, dim = [int(v) for v in provenance["grid"]], int(provenance["dim"])
     shapes = provenance.get("layer_shapes") or [[*grid, dim]]
-    return torch.cat([torch.full((int(d),), [int(h), int(w)] == grid, dtype=torch.bool) for h, w, d in shapes])
+    maps, start = [], 0
+    for h, w, d in shapes:
+        maps.append((start, start + int(d), grid[0] // int(h), grid[1] // int(w)))
+        start += int(d)
+    return maps
 
 
 def data_config_differences(recorded: dict, resolved: dict) -> list[str]:

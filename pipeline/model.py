@@ -157,6 +157,7 @@ class ProtoQuantHead(nn.Module):
         self.register_buffer("code_mask", torch.ones(codes.shape[0], dtype=torch.bool, device=codes.device))
         self.tau = float(tau)
         self.train_codes = train_codes
+        self.grid_maps: list[tuple[int, int, int, int, bool]] | None = None  # training only: see embed
 
     @property
     def feature_dim(self) -> int:
@@ -165,13 +166,48 @@ class ProtoQuantHead(nn.Module):
 
     def embed(self, f: torch.Tensor) -> torch.Tensor:
         """The patches as the codes see them: f itself, or its projection; (..., D) -> (..., D or d)."""
-        return f.float() if self.projection is None else self.projection(f.float())
+        if self.projection is None:
+            return f.float()
+        if self.grid_maps is not None and torch.is_grad_enabled() and f.dim() == 4 and self._blocks_hold(f):
+            return self._embed_by_maps(f)
+        return self.projection(f.float())
+
+    # grid_maps, set by stage B's training (pipeline.training.stage_b_head), are the cache's maps as
+    # (first channel, end channel, block rows, block columns, learns): a coarser map's values are copies over
+    # blocks of cells (pipeline.backbones.grid_maps). A training step then projects each map once per block
+    # (a stride-32 map on a stride-16 grid: a quarter of the products) and takes no gradient for the columns
+    # that do not learn; the sum is the same linear map. Everything else (validation, the push, a saved
+    # head) projects every cell, so what is reported is what a saved head computes.
+
+    def _blocks_hold(self, f: torch.Tensor) -> bool:
+        """Whether every coarse map's values in f (B, H, W, D) are indeed constant over their blocks."""
+        for start, stop, rows, cols, _ in self.grid_maps:
+            if (rows, cols) != (1, 1):
+                if f.shape[1] % rows or f.shape[2] % cols:
+                    return False
+                blocks = f[..., start:stop].unflatten(2, (-1, cols)).unflatten(1, (-1, rows))  # (B, h, r, w, c, d)
+                if not bool((blocks == blocks[:, :, :1, :, :1]).all()):
+                    return False
+        return True
+
+    def _embed_by_maps(self, f: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = f.shape
+        weight, bias = self.projection.weight, self.projection.bias  # (d, D), (d,)
+        out = bias.expand(b, h, w, -1)
+        for start, stop, rows, cols, learns in self.grid_maps:
+            columns = weight[:, start:stop] if learns else weight[:, start:stop].detach()
+            part = f[:, ::rows, ::cols, start:stop].float() @ columns.T  # (B, H / rows, W / cols, d)
+            blocks = out.unflatten(2, (-1, cols)).unflatten(1, (-1, rows))  # (B, H / rows, rows, W / cols, cols, d)
+            out = (blocks + part[:, :, None, :, None]).reshape(b, h, w, -1)
+        return out
 
     def similarity(self, f: torch.Tensor) -> torch.Tensor:
         """S[b,k,h,w] = cos(embed(f)[b,h,w], codes[k]); (B, H, W, D) -> (B, K, H, W)."""
         f_unit = F.normalize(self.embed(f), dim=-1, eps=COSINE_EPS)  # (B, H, W, D or d)
         codes_unit = F.normalize(self.codes, dim=-1, eps=COSINE_EPS)  # (K, D)
-        return torch.einsum("bhwd,kd->bkhw", f_unit, codes_unit)  # METHOD.md stage B: S
+        # METHOD.md stage B: S. Computed codes-last, (B, H, W, K), and returned as a (B, K, H, W) view of it: the
+        # softmax over codes then runs along contiguous memory (the (B, K, H, W) layout cost a copy per op)
+        return (f_unit @ codes_unit.T).permute(0, 3, 1, 2)
 
     def activation(self, f: torch.Tensor) -> torch.Tensor:
         """A = softmax over the K codes of S / tau at each location; (B, H, W, D) -> (B, K, H, W)."""
@@ -179,10 +215,10 @@ class ProtoQuantHead(nn.Module):
 
     def activation_from_similarity(self, similarity: torch.Tensor) -> torch.Tensor:
         """A from S (B, K, H, W): for callers that need S too (the anchor term) without a second product."""
-        scores = similarity / self.tau  # (B, K, H, W)
-        removed = ~self.code_mask[None, :, None, None]  # (1, K, 1, 1)
-        scores = scores.masked_fill(removed, float("-inf"))  # a removed code no longer exists
-        return scores.softmax(dim=1)  # METHOD.md stage B: over codes, NOT over space
+        removed = torch.zeros_like(self.code_mask, dtype=similarity.dtype).masked_fill(~self.code_mask, float("-inf"))
+        # S / tau, and -inf for a removed code (it no longer exists), in one pass, codes-last (see similarity())
+        scores = torch.add(removed, similarity.permute(0, 2, 3, 1), alpha=1.0 / self.tau)  # (B, H, W, K)
+        return scores.softmax(dim=-1).permute(0, 3, 1, 2)  # METHOD.md stage B: over codes, NOT over space
 
     def presence(self, f: torch.Tensor) -> torch.Tensor:
         """p[b,k] = max over (h, w) of A[b,k,h,w], in [0, 1]; (B, H, W, D) -> (B, K)."""

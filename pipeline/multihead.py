@@ -226,8 +226,8 @@ def stacked_similarities(heads: list[ProtoQuantHead], f: torch.Tensor) -> list[t
         return [h.similarity(f) for h in heads]
     f_unit = F.normalize(f.float(), dim=-1, eps=COSINE_EPS)  # (B, H, W, D), once for all heads
     units = torch.cat([F.normalize(h.codes, dim=-1, eps=COSINE_EPS) for h in heads])  # (sum K, D)
-    similarity = torch.einsum("bhwd,kd->bkhw", f_unit, units)  # (B, sum K, H, W)
-    return list(similarity.split([h.codes.shape[0] for h in heads], dim=1))
+    similarity = f_unit @ units.T  # (B, H, W, sum K): codes-last, as ProtoQuantHead.similarity
+    return [s.permute(0, 3, 1, 2) for s in similarity.split([h.codes.shape[0] for h in heads], dim=-1)]
 
 
 def stacked_logits(heads: list[ProtoQuantHead], f: torch.Tensor) -> list[torch.Tensor]:

@@ -446,10 +446,10 @@ def projection_start(settings: TrainSettings, train_rows: np.ndarray, split, sca
 
 
 def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings, projection: tuple | None, *,
-                 device: torch.device, fine_channels: torch.Tensor | None = None) -> nn.Module:
+                 device: torch.device, maps: list[tuple[int, int, int, int]] | None = None) -> nn.Module:
     """Stage B's head on the stage A codes (train and sweep); with a projection (projection_start) the codes
-    start as their projections, and with --projection-learns fine the projection learns only on fine_channels
-    ((D,) bool, pipeline.backbones.grid_channels of the cache; None = all)."""
+    start as their projections, and with --projection-learns fine the projection learns only on the channels
+    of the maps at the grid's own resolution (maps: pipeline.backbones.grid_maps of the cache; None: one map)."""
     from pipeline.model import ProtoQuantHead
 
     s = settings
@@ -458,8 +458,11 @@ def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings,
         codes = codes.to(device).float() @ projection[0].T + projection[1]  # (K, D) -> (K, d)
     head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
                           projection=projection).to(device)
-    if head.projection is not None and s.projection_learns == "fine" and fine_channels is not None:
-        _keep_columns(head.projection.weight, ~fine_channels.to(device))
+    if head.projection is not None and maps is not None:
+        learns = [s.projection_learns == "all" or (rows, cols) == (1, 1) for _, _, rows, cols in maps]
+        head.grid_maps = [(*m, learn) for m, learn in zip(maps, learns)]
+        kept = torch.cat([torch.full((stop - start,), not learn) for (start, stop, _, _), learn in zip(maps, learns)])
+        _keep_columns(head.projection.weight, kept.to(device))
     return head
 
 

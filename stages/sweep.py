@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from markupsafe import Markup
 
-from pipeline.backbones import grid_channels
+from pipeline.backbones import grid_maps
 from pipeline.cache import Cache, CacheSplit
 from pipeline.codebook import check_fingerprint, load_codebook
 from pipeline.data import (FeatureSource, RamRows, SourceSettings, carve_validation, evaluation_source, parse_memory,
@@ -339,7 +339,7 @@ class _SweepTrainer:
     def _head_round(self, codes: dict[tuple[int, int], torch.Tensor]) -> dict[str, ProtoQuantHead]:
         base, n_classes = self.settings, len(self.cache.classes)
         heads, lanes = {}, []
-        fine_channels = grid_channels(self.cache.provenance)
+        maps = grid_maps(self.cache.provenance)
         for seed in self.seeds:
             data, members, lane_heads, l1, anchor = self.data[seed], [], [], [], []
             projection = projection_start(replace(base, seed=seed), data.train_rows, data.train.split,
@@ -349,7 +349,7 @@ class _SweepTrainer:
                     continue
                 s = spec.settings(base)
                 head = stage_b_head(codes[(seed, spec.codebook)], n_classes, s, projection, device=self.device,
-                                    fine_channels=fine_channels)
+                                    maps=maps)
                 phase = head_phase("head", head, s, s.epochs, data.val, self.device, Distributed(device=self.device))
                 members.append(Member(f"head{i}", phase, head, _codes_in_use_of(head)))
                 lane_heads.append(head)

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.backbones import grid_channels
+from pipeline.backbones import grid_maps
 from pipeline.cache import Cache
 from pipeline.codebook import check_fingerprint, load_codebook
 from pipeline.data import FeatureSource, SourceSettings, TrainingData, open_training_data, parse_memory
@@ -202,7 +202,7 @@ class _Trainer:
         projection = projection_start(s, self.data.train_rows, self.data.train.split,
                                       lambda rows: self._scan(rows).batches(0))
         head = stage_b_head(codes, len(cache.classes), s, projection, device=self.device,
-                            fine_channels=grid_channels(cache.provenance))
+                            maps=grid_maps(cache.provenance))
         self._run(head_phase("head", head, s, s.epochs, self.data.val, self.device, self.dist))
         self.val_scores["stage_b"] = self._val(head)
         self.push, sparsity = after_stage_b(head, s, lambda: self._scan(self.data.train_rows).batches(0),

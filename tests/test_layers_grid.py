@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.backbones import FINAL, extract_grid, grid_channels, load_backbone, load_backbone_for_cache
+from pipeline.backbones import FINAL, extract_grid, grid_maps, load_backbone, load_backbone_for_cache
 from pipeline.cache import Cache
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import Preprocessing
@@ -220,12 +220,12 @@ def test_a_default_extraction_is_the_measured_recipe_and_records_it_truthfully(i
     assert old.provenance["data_config"]["crop_mode"] == "center" and old.provenance["data_config"]["crop_pct"] == 0.875
 
 
-def test_grid_channels_mark_the_maps_at_the_grids_own_resolution() -> None:
+def test_grid_maps_give_each_maps_channels_and_blocks() -> None:
     layered = {"grid": [8, 8], "dim": 144, "layer_shapes": [[8, 8, 48], [2, 2, 96]]}
-    assert grid_channels(layered).tolist() == [True] * 48 + [False] * 96
+    assert grid_maps(layered) == [(0, 48, 1, 1), (48, 144, 4, 4)]
     coarse_first = {"grid": [8, 8], "dim": 144, "layer_shapes": [[2, 2, 96], [8, 8, 48]]}  # --layers final,2
-    assert grid_channels(coarse_first).tolist() == [False] * 96 + [True] * 48
-    assert grid_channels({"grid": [2, 2], "dim": 96}).all()  # one map (or a cache from before layers)
+    assert grid_maps(coarse_first) == [(0, 96, 4, 4), (96, 144, 1, 1)]
+    assert grid_maps({"grid": [2, 2], "dim": 96}) == [(0, 96, 1, 1)]  # one map (or a cache from before layers)
 
 
 def test_the_projection_learns_on_the_fine_channels_and_keeps_the_coarse_ones(layered, tmp_path) -> None:

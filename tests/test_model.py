@@ -299,6 +299,37 @@ def test_a_projected_head_compares_projected_patches_with_its_codes() -> None:
         ProtoQuantHead(torch.randn(5, 4), 2, projection=(weight, bias))
 
 
+def _layered_grid(batch: int = 3, seed: int = 0) -> torch.Tensor:
+    """(B, 4, 6, 7): channels 0-2 vary cell by cell, channels 3-6 are a 2 x 3 map copied over 2 x 2 blocks."""
+    fine = torch.randn(batch, 4, 6, 3, generator=seeded(seed))
+    coarse = torch.randn(batch, 2, 3, 4, generator=seeded(seed + 1)).repeat_interleave(2, 1).repeat_interleave(2, 2)
+    return torch.cat([fine, coarse], dim=-1).half()
+
+
+@pytest.mark.parametrize("coarse_learns", [False, True])
+def test_a_training_step_projects_each_coarse_block_once_with_the_same_values_and_gradients(coarse_learns) -> None:
+    weight, bias = torch.randn(5, 7, generator=seeded(2)), torch.randn(5, generator=seeded(3))
+    plain, blocked = (ProtoQuantHead(torch.randn(4, 5, generator=seeded(4)), 2, train_codes=True,
+                                     projection=(weight, bias)) for _ in range(2))
+    blocked.grid_maps = [(0, 3, 1, 1, True), (3, 7, 2, 2, coarse_learns)]
+    f = _layered_grid()
+    embedded = blocked.embed(f)
+    assert torch.allclose(embedded, plain.embed(f), atol=1e-5)
+    for head in (plain, blocked):
+        head.similarity(f).square().sum().backward()
+    grad, expected = blocked.projection.weight.grad, plain.projection.weight.grad
+    assert torch.allclose(grad[:, :3], expected[:, :3], atol=1e-4)
+    if coarse_learns:
+        assert torch.allclose(grad[:, 3:], expected[:, 3:], atol=1e-4)
+    else:
+        assert torch.equal(grad[:, 3:], torch.zeros(5, 4))  # the kept columns get no gradient at all
+    with torch.no_grad():  # validation, the push and a saved head project every cell
+        assert torch.equal(blocked.embed(f), plain.embed(f))
+    broken = f.clone()
+    broken[0, 0, 0, 5] += 1  # a coarse value that differs inside its block: every cell is projected
+    assert torch.equal(blocked.embed(broken), plain.embed(broken))
+
+
 def test_the_projection_starts_as_the_centred_principal_directions() -> None:
     rng = np.random.default_rng(0)
     scale = np.array([5.0, 0.1, 2.0, 0.5])  # variance along e0 > e2 > e3 > e1
