@@ -21,6 +21,8 @@ BENCHES = {
     "extract": ("Extraction vs a bare timm loop", ["extract.py"], ["extract.py", "--images", "64", "--repeats", "1"]),
     "train": ("Head training from the cache vs backbone per batch; FAISS vs scikit-learn k-means",
               ["train.py"], ["train.py", "--images-per-class", "16", "--repeats", "1"]),
+    "stage_b": ("A stage B training step: the paper's layout vs codes-last vs per-block projection", ["stage_b.py"],
+                ["stage_b.py", "--steps", "2", "--repeats", "1"]),
     "autocast": ("Extraction autocast: float16 vs bfloat16 against float32, real weights", ["autocast.py", "--images", "24"],
                  ["autocast.py", "--images", "8"]),
     "cache_read": ("Reading the cache vs a numpy memmap", ["cache_read.py"], ["cache_read.py", "--images", "1024"]),

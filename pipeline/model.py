@@ -168,13 +168,14 @@ class ProtoQuantHead(nn.Module):
         """The patches as the codes see them: f itself, or its projection; (..., D) -> (..., D or d)."""
         if self.projection is None:
             return f.float()
-        if self.grid_maps is not None and torch.is_grad_enabled() and f.dim() == 4 and self._blocks_hold(f):
+        if self.grid_maps is not None and self.training and torch.is_grad_enabled() and f.dim() == 4 and self._blocks_hold(f):
             return self._embed_by_maps(f)
         return self.projection(f.float())
 
     # grid_maps, set by stage B's training (pipeline.training.stage_b_head), are the cache's maps as
     # (first channel, end channel, block rows, block columns, learns): a coarser map's values are copies over
-    # blocks of cells (pipeline.backbones.grid_maps). A training step then projects each map once per block
+    # blocks of cells (pipeline.backbones.grid_maps). A training step (train mode, with gradients) then
+    # projects each map once per block
     # (a stride-32 map on a stride-16 grid: a quarter of the products) and takes no gradient for the columns
     # that do not learn; the sum is the same linear map. Everything else (validation, the push, a saved
     # head) projects every cell, so what is reported is what a saved head computes.
@@ -215,9 +216,8 @@ class ProtoQuantHead(nn.Module):
 
     def activation_from_similarity(self, similarity: torch.Tensor) -> torch.Tensor:
         """A from S (B, K, H, W): for callers that need S too (the anchor term) without a second product."""
-        removed = torch.zeros_like(self.code_mask, dtype=similarity.dtype).masked_fill(~self.code_mask, float("-inf"))
-        # S / tau, and -inf for a removed code (it no longer exists), in one pass, codes-last (see similarity())
-        scores = torch.add(removed, similarity.permute(0, 2, 3, 1), alpha=1.0 / self.tau)  # (B, H, W, K)
+        scores = similarity.permute(0, 2, 3, 1) / self.tau  # (B, H, W, K): codes-last, see similarity()
+        scores.masked_fill_(~self.code_mask, float("-inf"))  # a removed code no longer exists (in place: no copy)
         return scores.softmax(dim=-1).permute(0, 3, 1, 2)  # METHOD.md stage B: over codes, NOT over space
 
     def presence(self, f: torch.Tensor) -> torch.Tensor:

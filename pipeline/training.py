@@ -458,7 +458,7 @@ def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings,
         codes = codes.to(device).float() @ projection[0].T + projection[1]  # (K, D) -> (K, d)
     head = ProtoQuantHead(codes, num_classes, tau=s.tau, train_codes=s.train_codes, seed=s.seed,
                           projection=projection).to(device)
-    if head.projection is not None and maps is not None:
+    if head.projection is not None and maps is not None and any((rows, cols) != (1, 1) for _, _, rows, cols in maps):
         learns = [s.projection_learns == "all" or (rows, cols) == (1, 1) for _, _, rows, cols in maps]
         head.grid_maps = [(*m, learn) for m, learn in zip(maps, learns)]
         kept = torch.cat([torch.full((stop - start,), not learn) for (start, stop, _, _), learn in zip(maps, learns)])

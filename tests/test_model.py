@@ -325,6 +325,8 @@ def test_a_training_step_projects_each_coarse_block_once_with_the_same_values_an
         assert torch.equal(grad[:, 3:], torch.zeros(5, 4))  # the kept columns get no gradient at all
     with torch.no_grad():  # validation, the push and a saved head project every cell
         assert torch.equal(blocked.embed(f), plain.embed(f))
+    assert torch.equal(blocked.eval().embed(f), plain.embed(f))  # so does a head in eval mode, gradients or not
+    blocked.train()
     broken = f.clone()
     broken[0, 0, 0, 5] += 1  # a coarse value that differs inside its block: every cell is projected
     assert torch.equal(blocked.embed(broken), plain.embed(broken))
