@@ -537,20 +537,6 @@ class PreprocessingWarning(UserWarning):
     """The installed timm resolves another data config than the one a cache recorded (the recorded one is used)."""
 
 
-def grid_maps(provenance: dict) -> list[tuple[int, int, int, int]]:
-    """(first channel, end channel, block rows, block columns) of each map in the cached grid, in channel
-    order: a coarser map was upsampled onto the grid by copying each of its values over a block of cells
-    (extract_grid: nearest, by an integer factor); a map at the grid's own resolution has blocks of 1 x 1.
-    Caches of one map (and caches from before layers) are one map of 1 x 1 blocks."""
-    grid, dim = [int(v) for v in provenance["grid"]], int(provenance["dim"])
-    shapes = provenance.get("layer_shapes") or [[*grid, dim]]
-    maps, start = [], 0
-    for h, w, d in shapes:
-        maps.append((start, start + int(d), grid[0] // int(h), grid[1] // int(w)))
-        start += int(d)
-    return maps
-
-
 def data_config_differences(recorded: dict, resolved: dict) -> list[str]:
     """'key: recorded X, installed timm Y' for every data-config entry that differs."""
     keys = sorted(set(recorded) | set(resolved))

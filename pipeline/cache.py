@@ -527,6 +527,20 @@ def nonfinite_rows(block: np.ndarray, rows_per_pass: int = 64) -> np.ndarray:
     return out
 
 
+def grid_maps(provenance: dict) -> list[tuple[int, int, int, int]]:
+    """(first channel, end channel, block rows, block columns) of each map in the cached grid, in channel
+    order: a coarser map was upsampled onto the grid by copying each of its values over a block of cells
+    (pipeline.backbones.extract_grid: nearest, by an integer factor); a map at the grid's own resolution has blocks of 1 x 1.
+    Caches of one map (and caches from before layers) are one map of 1 x 1 blocks."""
+    grid, dim = [int(v) for v in provenance["grid"]], int(provenance["dim"])
+    shapes = provenance.get("layer_shapes") or [[*grid, dim]]
+    maps, start = [], 0
+    for h, w, d in shapes:
+        maps.append((start, start + int(d), grid[0] // int(h), grid[1] // int(w)))
+        start += int(d)
+    return maps
+
+
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

@@ -32,8 +32,7 @@ import numpy as np
 import torch
 from markupsafe import Markup
 
-from pipeline.backbones import grid_maps
-from pipeline.cache import Cache, CacheSplit
+from pipeline.cache import Cache, CacheSplit, grid_maps
 from pipeline.codebook import check_fingerprint, load_codebook
 from pipeline.data import (FeatureSource, RamRows, SourceSettings, carve_validation, evaluation_source, parse_memory,
                            rows_nbytes, usable_rows, view_count)

@@ -37,8 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.backbones import grid_maps
-from pipeline.cache import Cache
+from pipeline.cache import Cache, grid_maps
 from pipeline.codebook import check_fingerprint, load_codebook
 from pipeline.data import FeatureSource, SourceSettings, TrainingData, open_training_data, parse_memory
 from pipeline.devices import resolve_device

@@ -18,8 +18,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.backbones import FINAL, extract_grid, grid_maps, load_backbone, load_backbone_for_cache
-from pipeline.cache import Cache
+from pipeline.backbones import FINAL, extract_grid, load_backbone, load_backbone_for_cache
+from pipeline.cache import Cache, grid_maps
 from pipeline.errors import ProtoquantError
 from pipeline.geometry import Preprocessing
 from pipeline.images import crop_box, read_image_file
