@@ -529,9 +529,10 @@ def nonfinite_rows(block: np.ndarray, rows_per_pass: int = 64) -> np.ndarray:
 
 def grid_maps(provenance: dict) -> list[tuple[int, int, int, int]]:
     """(first channel, end channel, block rows, block columns) of each map in the cached grid, in channel
-    order: a coarser map was upsampled onto the grid by copying each of its values over a block of cells
-    (pipeline.backbones.extract_grid: nearest, by an integer factor); a map at the grid's own resolution has blocks of 1 x 1.
-    Caches of one map (and caches from before layers) are one map of 1 x 1 blocks."""
+    order, from the layer shapes extraction recorded: a coarser map was upsampled onto the grid by copying
+    each of its values over a block of cells (pipeline.backbones.extract_grid: nearest, by an integer
+    factor); a map at the grid's own resolution has blocks of 1 x 1. Caches of one map (and caches from
+    before layers) are one map of 1 x 1 blocks."""
     grid, dim = [int(v) for v in provenance["grid"]], int(provenance["dim"])
     shapes = provenance.get("layer_shapes") or [[*grid, dim]]
     maps, start = [], 0

@@ -174,11 +174,11 @@ class ProtoQuantHead(nn.Module):
 
     # grid_maps, set by stage B's training (pipeline.training.stage_b_head), are the cache's maps as
     # (first channel, end channel, block rows, block columns, learns): a coarser map's values are copies over
-    # blocks of cells (pipeline.backbones.grid_maps). A training step (train mode, with gradients) then
-    # projects each map once per block
-    # (a stride-32 map on a stride-16 grid: a quarter of the products) and takes no gradient for the columns
-    # that do not learn; the sum is the same linear map. Everything else (validation, the push, a saved
-    # head) projects every cell, so what is reported is what a saved head computes.
+    # blocks of cells (pipeline.cache.grid_maps). A training step (train mode, with gradients) then projects
+    # each map once per block (a stride-32 map on a stride-16 grid: a quarter of the products) and takes no
+    # gradient for the columns that do not learn; the sum is the same linear map. Everything else
+    # (validation, the push, a saved head) projects every cell, so what is reported is what a saved head
+    # computes.
 
     def _blocks_hold(self, f: torch.Tensor) -> bool:
         """Whether every coarse map's values in f (B, H, W, D) are indeed constant over their blocks."""

@@ -449,7 +449,7 @@ def stage_b_head(codes: torch.Tensor, num_classes: int, settings: TrainSettings,
                  device: torch.device, maps: list[tuple[int, int, int, int]] | None = None) -> nn.Module:
     """Stage B's head on the stage A codes (train and sweep); with a projection (projection_start) the codes
     start as their projections, and with --projection-learns fine the projection learns only on the channels
-    of the maps at the grid's own resolution (maps: pipeline.backbones.grid_maps of the cache; None: one map)."""
+    of the maps at the grid's own resolution (maps: pipeline.cache.grid_maps of the cache; None: one map)."""
     from pipeline.model import ProtoQuantHead
 
     s = settings
