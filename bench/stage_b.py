@@ -3,8 +3,8 @@
 Contenders, on the same batch (a multi-map grid as `--layers auto` writes it: the stride-16 map's channels
 vary cell by cell, the stride-32 map's are copied over 2 x 2 cells), the same head (default settings: a
 128-dimensional projection learning on the fine channels, trainable codes, the anchor term) and AdamW:
-- reference: S as the paper's code lays it out, (B, K, H, W) from an einsum, S / tau, the removed codes
-  masked, the softmax over dim 1; every cell projected;
+- reference: S in the paper's (B, K, H, W) notation (METHOD.md), from an einsum, S / tau, the removed codes
+  masked, the softmax over dim 1, every cell projected: what protoquant computed before;
 - codes-last: protoquant's head with every cell projected (what validation and a saved head compute);
 - codes-last + blocks: protoquant's training step (the coarse map projected once per 2 x 2 block, no
   gradient for the columns that do not learn).
