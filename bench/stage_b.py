@@ -11,7 +11,7 @@ vary cell by cell, the stride-32 map's are copied over 2 x 2 cells), the same he
 Each step is timed interleaved, `--repeats` rounds of `--steps` steps, the total kept per contender; the
 losses of the first step are compared (same math: differences are float rounding).
 
-    python bench/stage_b.py [--steps 10] [--repeats 5] [--threads 2]
+    python bench/stage_b.py [--steps 10] [--repeats 5] [--threads 2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ def ours_presence(head: ProtoQuantHead, f: torch.Tensor) -> tuple[torch.Tensor, 
     return s, head.activation_from_similarity(s).amax(dim=(2, 3))
 
 
-def contender(shape: tuple, blocks: bool):
+def contender(shape: tuple, blocks: bool, device: torch.device):
     batch, side, fine, coarse, k, classes = shape
     g = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(DIM, fine + coarse, generator=g) * 0.05, torch.zeros(DIM)
-    head = ProtoQuantHead(torch.randn(k, DIM, generator=g), classes, train_codes=True, projection=(weight, bias))
-    kept = torch.arange(fine + coarse) >= fine
+    head = ProtoQuantHead(torch.randn(k, DIM, generator=g), classes, train_codes=True,
+                          projection=(weight, bias)).to(device)
+    kept = torch.arange(fine + coarse, device=device) >= fine
     _keep_columns(head.projection.weight, kept)
     if blocks:
         head.grid_maps = [(0, fine, 1, 1, True), (fine, fine + coarse, 2, 2, False)]
@@ -84,17 +85,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (each step ends in a sync: "
+                                                       "the loss is read back, as train's finiteness check does)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"stage B training step (forward, backward, AdamW), batch 64, projection to {DIM}, {args.threads} threads; "
-          f"{args.repeats} interleaved rounds of {args.steps} steps")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but torch sees no CUDA device")
+    print(f"stage B training step (forward, backward, AdamW), batch 64, projection to {DIM}, {args.device}, "
+          f"{args.threads} threads; {args.repeats} interleaved rounds of {args.steps} steps")
     print("| shape | reference ms | codes-last ms | codes-last + blocks ms | ratio codes-last | ratio + blocks | first-step loss diff |")
     print("|---|---|---|---|---|---|---|")
     for name, shape in SHAPES.items():
-        f, y = layered_batch(*shape[:4], shape[5])
-        runs = {"reference": (contender(shape, False), reference_presence),
-                "codes-last": (contender(shape, False), ours_presence),
-                "blocks": (contender(shape, True), ours_presence)}
+        f, y = (t.to(device) for t in layered_batch(*shape[:4], shape[5]))
+        runs = {"reference": (contender(shape, False, device), reference_presence),
+                "codes-last": (contender(shape, False, device), ours_presence),
+                "blocks": (contender(shape, True, device), ours_presence)}
         first = {key: step(*pair, fn, f, y) for key, (pair, fn) in runs.items()}
         seconds = dict.fromkeys(runs, 0.0)
         for _ in range(args.repeats):
