@@ -447,8 +447,8 @@ def _number_list(kind: type, rule: Callable | None = None) -> Callable:
             try:
                 values.append(kind(part.strip()))
             except ValueError:
-                raise typer.BadParameter(f"{part.strip()!r} in {text!r} is not a {kind.__name__}: write a comma-"
-                                         f"separated list such as {'0,1,2' if kind is int else '0,0.001'}") from None
+                raise typer.BadParameter(f"{part.strip()!r} in {text!r} is not {'an integer' if kind is int else 'a number'}: write a "
+                                         f"comma-separated list such as {'0,1,2' if kind is int else '0,0.001'}") from None
             if rule is not None:
                 rule(values[-1])
         return tuple(values)
