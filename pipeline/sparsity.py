@@ -25,6 +25,7 @@ number of weights relu(W) > 0.1, averaged over classes.
     choose_point_by_deviance  the default rule: validation cross-entropy, one standard error
     choose_point          the accuracy rule (tolerance or one standard error of top-1)
     refit_from_presence   all of it on a head's presence, in place: W := the chosen point
+    apply_chosen_point    its second half, on a path already solved (pipeline/refits.py solves several at once)
     refit_bytes, refit_sample  the refit's memory, and the stratified share of rows that fits a budget
 """
 
@@ -44,6 +45,7 @@ from pipeline.errors import ProtoquantError
 
 SIZE_THRESHOLD = 0.1  # the authors' calculate_local_size counts weights above this
 MIN_REFIT_ROWS_PER_CLASS = 10  # a sampled refit keeps at least this many training rows of every class
+ONE_THREAD_WORK = 50_000_000   # presence entries x classes: a smaller solve runs on one thread (_threads_for)
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def _threads_for(work: int) -> Iterator[None]:
     """One thread for small solves: thousands of tiny products run many times slower on a busy machine's
     thread pool than on one core."""
     before = torch.get_num_threads()
-    if work < 50_000_000:
+    if work < ONE_THREAD_WORK:
         torch.set_num_threads(1)
     try:
         yield
@@ -331,8 +333,14 @@ def refit_from_presence(head, train: tuple[torch.Tensor, torch.Tensor], val: tup
     """In place: W := the chosen point of the path on presence already computed (presence_matrix's (N, K) and
     labels of train and val; the codes stay). Returns the record (rule, chosen point, the whole curve) that
     train writes into metrics.json."""
-    points = regularization_path(train, val, head.weight.shape[0], settings)
-    n_val = int(val[1].numel())
+    return apply_chosen_point(head, regularization_path(train, val, head.weight.shape[0], settings),
+                              int(val[1].numel()), settings)
+
+
+@torch.no_grad()
+def apply_chosen_point(head, points: list[PathPoint], n_val: int, settings: PathSettings = PathSettings()) -> dict:
+    """In place: W := the point of a solved path that settings.rule chooses (n_val: the validation images it
+    was scored on); -> refit_from_presence's record."""
     if settings.rule not in RULES:
         raise ProtoquantError(f"sparsity rule {settings.rule!r} is not one of {', '.join(RULES)}")
     best = max((p.val_top1 for p in points if not math.isnan(p.val_top1)), default=float("nan"))

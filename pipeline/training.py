@@ -561,19 +561,29 @@ def push_step(head: nn.Module, settings: TrainSettings, train_rows: Callable[[],
     return push
 
 
-def sparse_step(head: nn.Module, settings: TrainSettings, presence: Callable[[], tuple]) -> dict:
+def path_settings(settings: TrainSettings):
+    """The sparsity path's layout and rule from train's settings (pipeline/sparsity.py PathSettings)."""
+    from pipeline.sparsity import PathSettings
+
+    return PathSettings(points=settings.path_points, l1_ratio=settings.path_l1_ratio, rule=settings.sparsity_rule,
+                        tolerance=settings.sparsity_tolerance, relax=settings.path_relax)
+
+
+def sparse_step(head: nn.Module, settings: TrainSettings, presence: Callable[[], tuple] | None = None, *,
+                solved: tuple | None = None) -> dict:
     """In place, the sparse step: path (W refit on the cached presence, `presence()` -> ((N, K) train, labels),
-    ((M, K) val, labels)) or topk (the cut, then the unused codes leave the softmax); -> its record."""
+    ((M, K) val, labels); or `solved`, a refits.SolvedPath: the path solved already) or topk (the cut, then the unused codes leave the softmax); -> its record."""
     from pipeline.model import drop_unused_codes, keep_top_k_weights
-    from pipeline.sparsity import PathSettings, refit_from_presence
+    from pipeline.sparsity import apply_chosen_point, refit_from_presence
 
     s = settings
     sparsity: dict = {"method": s.sparsity}
-    if s.sparsity == "path":
+    if s.sparsity == "path" and solved is not None:
+        sparsity |= apply_chosen_point(head, solved.points, solved.n_val, path_settings(s))
+        sparsity["seconds"] = round(solved.seconds, 3)
+    elif s.sparsity == "path":
         started = time.perf_counter()
-        path = PathSettings(points=s.path_points, l1_ratio=s.path_l1_ratio, rule=s.sparsity_rule,
-                            tolerance=s.sparsity_tolerance, relax=s.path_relax)
-        sparsity |= refit_from_presence(head, *presence(), path)
+        sparsity |= refit_from_presence(head, *presence(), path_settings(s))
         sparsity["seconds"] = round(time.perf_counter() - started, 3)
     elif s.sparsity == "topk":
         keep_top_k_weights(head, s.sparsity_k)  # the paper's stage 2b: the cut, then the unused codes go

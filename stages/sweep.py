@@ -47,10 +47,11 @@ from pipeline.paths import check_output, remove_ours
 from pipeline.plots import Series, line_chart, sparsity_chart
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
+from pipeline.refits import PathProblem, PathSolver, is_small, path_workers
 from pipeline.sparsity import presence_matrices
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,
-                               phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
+                               path_settings, phase_state_from_artifact, push_step, sparse_step, state_to_tensors,
                                refit_rows, projection_start, stage_b_head)
 
 __all__ = ["SweepGrid", "SweepResult", "sweep", "is_sweep_dir"]
@@ -363,29 +364,37 @@ class _SweepTrainer:
 
     def _tails(self, heads: dict[str, ProtoQuantHead]) -> None:
         """train's push and sparse step for every head: the pushes head by head, then seed by seed every
-        head's presence in one pass per split and the path refits one by one (on worker threads they were
-        slower: scipy's L-BFGS-B holds the GIL between torch's products). Memory: one seed's heads x N x K x 4
-        bytes at a time. A record's "seconds" here is the solve alone (train's also holds its presence pass)."""
+        head's presence in one pass per split and the heads' path refits side by side, one worker process per
+        core (pipeline/refits.py). Memory: one seed's heads x N x K x 4 bytes at a time. A record's "seconds"
+        here is the solve alone (train's also holds its presence pass)."""
         base = self.settings
-        pushes = {spec.name: push_step(heads[spec.name], spec.settings(base),
-                                       lambda spec=spec: self.data[spec.seed].scan().batches(0), device=self.device)
-                  for spec in self.specs}
-        records = {}
-        for seed in self.seeds:
-            data, specs = self.data[seed], [spec for spec in self.specs if spec.seed == seed]
-            refit = [spec for spec in specs if spec.settings(base).sparsity == "path"]
-            presence = {}
-            if refit:
-                lane = [heads[spec.name] for spec in refit]
-                refit_train, refit_val, _ = data.refit
-                train = presence_matrices(lane, data.scan(rows=refit_train).batches(0), device=self.device)
-                val = presence_matrices(lane, data.scan(rows=refit_val).batches(0), device=self.device)
-                presence = {spec.name: (t, v) for spec, t, v in zip(refit, train, val)}
-            for spec in specs:
-                records[spec.name] = sparse_step(heads[spec.name], spec.settings(base),
-                                                 lambda name=spec.name: presence.pop(name))
-                if spec in refit:
-                    records[spec.name] |= data.refit[2]
+        small = [spec for spec in self.specs if spec.settings(base).sparsity == "path"
+                 and is_small(len(self.data[spec.seed].refit[0]), *heads[spec.name].weight.shape[::-1])]
+        most = max([sum(spec.seed == seed for spec in small) for seed in self.seeds], default=0)
+        with PathSolver(path_workers(most)) as solver:
+            solver.start()  # the workers start up while the pushes run
+            pushes = {spec.name: push_step(heads[spec.name], spec.settings(base),
+                                           lambda spec=spec: self.data[spec.seed].scan().batches(0), device=self.device)
+                      for spec in self.specs}
+            records = {}
+            for seed in self.seeds:
+                data, specs = self.data[seed], [spec for spec in self.specs if spec.seed == seed]
+                refit = [spec for spec in specs if spec.settings(base).sparsity == "path"]
+                solved = {}
+                if refit:
+                    lane = [heads[spec.name] for spec in refit]
+                    refit_train, refit_val, _ = data.refit
+                    train = presence_matrices(lane, data.scan(rows=refit_train).batches(0), device=self.device)
+                    val = presence_matrices(lane, data.scan(rows=refit_val).batches(0), device=self.device)
+                    problems = [PathProblem(t, v, int(heads[spec.name].weight.shape[0]), path_settings(spec.settings(base)))
+                                for spec, t, v in zip(refit, train, val)]
+                    del train, val
+                    solved = dict(zip([spec.name for spec in refit], solver.solve(problems)))
+                    del problems
+                for spec in specs:
+                    records[spec.name] = sparse_step(heads[spec.name], spec.settings(base), solved=solved.pop(spec.name, None))
+                    if spec in refit:
+                        records[spec.name] |= data.refit[2]
         self.tails = {spec.name: (pushes[spec.name], records[spec.name]) for spec in self.specs}
 
     # --- checkpoint: like train's, one entry per model -------------------------------------------------------

@@ -87,15 +87,19 @@ def test_a_projected_sweep_head_equals_the_head_train_gives(store, tmp_path, pus
         assert groundings[0]["mean_max_cosine_in_use"] > 1 - 1e-5
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["every-row", "refit-sampled"])
-def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, sampled) -> None:
+@pytest.mark.parametrize("sampled", [False, True], ids=["every-row-two-workers", "refit-sampled"])
+def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, monkeypatch, sampled) -> None:
     refit = replace(SHORT, sparsity="path", path_points=8)
+    books = store["books"][:1]
+    if not sampled:  # two heads of one seed: their paths solved side by side in two worker processes
+        books = store["books"]
+        monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "2")
     if sampled:  # a refit budget of half what every row needs: train and sweep take the same stratified sample
         from pipeline.sparsity import refit_bytes
 
         split = Cache(store["cache"]).split("train")
         refit = replace(refit, refit_memory=str(refit_bytes(len(usable_rows(split)), 16, len(Cache(store["cache"]).classes)) // 2))
-    sweep(store["cache"], store["books"][:1], tmp_path / "sweep", refit, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
+    sweep(store["cache"], books, tmp_path / "sweep", refit, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
     train(store["cache"], store["books"][0], tmp_path / "run", refit)
     swept = tmp_path / "sweep" / _head_name(0, 16, 0)
     _assert_same_run(swept, tmp_path / "run")

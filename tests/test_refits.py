@@ -1,0 +1,76 @@
+"""pipeline/refits.py: paths solved side by side in worker processes are the paths solved here, number for
+number; a worker's error and a worker's death each reach the caller as one clear error. Real processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import refits
+from pipeline.errors import ProtoquantError
+from pipeline.refits import PathProblem, PathSolver, path_workers, solve
+from pipeline.sparsity import PathSettings
+
+
+def problem(seed: int, rows: int = 600, codes: int = 24, classes: int = 5) -> PathProblem:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=g)
+    signal = torch.nn.functional.one_hot(labels % codes, codes).float()  # a code per class that predicts it
+    presence = (0.6 * signal + 0.4 * torch.rand(rows, codes, generator=g)).clamp(0, 1)
+    cut = rows * 3 // 4
+    return PathProblem((presence[:cut], labels[:cut]), (presence[cut:], labels[cut:]), classes, PathSettings(points=6))
+
+
+def assert_same_paths(a, b) -> None:
+    assert len(a.points) == len(b.points) == 6 and a.n_val == b.n_val
+    for p, q in zip(a.points, b.points):
+        assert torch.equal(p.weight, q.weight)  # not close: the same numbers
+        assert (p.penalty, p.val_top1, p.train_top1, p.val_loss, p.val_loss_se) == \
+            (q.penalty, q.val_top1, q.train_top1, q.val_loss, q.val_loss_se)
+
+
+def test_workers_solve_the_same_paths_as_this_process(monkeypatch) -> None:
+    torch.randn(500, 500) @ torch.randn(500, 500)  # this process's thread pool runs, as after stage B
+    problems = [problem(0), problem(1, rows=1200), problem(2)]
+    here = [solve(p) for p in problems]
+    with PathSolver(2) as solver:
+        there = solver.solve(problems)
+        assert len(solver._started) == 2  # three problems, two workers: one solved two
+        assert any(p.weight.count_nonzero() for p in there[0].points)
+        for a, b in zip(here, there):
+            assert_same_paths(a, b)
+        # a problem too big for one thread is solved here, beside the workers; the order is kept
+        monkeypatch.setattr(refits, "ONE_THREAD_WORK", problems[0].train[0].numel() * 5 + 1)
+        assert [p.small for p in problems] == [True, False, True]
+        for a, b in zip(here, solver.solve(problems)):
+            assert_same_paths(a, b)
+    assert solver._started == []
+
+
+def test_a_worker_error_is_the_callers_error() -> None:
+    bad = problem(0)
+    bad.train[0][3, 2] = float("nan")
+    with PathSolver(2) as solver, pytest.raises(ProtoquantError, match="presence scores that are NaN"):
+        solver.solve([problem(1), bad])
+
+
+def test_a_worker_that_dies_is_named_with_the_way_around_it() -> None:
+    with PathSolver(2) as solver:
+        solver.start()
+        for worker in solver._started:
+            worker.kill()
+            worker.wait()
+        with pytest.raises(ProtoquantError, match=r"refit worker process stopped .*PROTOQUANT_REFIT_WORKERS=1"):
+            solver.solve([problem(0), problem(1), problem(2)])  # the third waits for a worker: none comes
+
+
+def test_one_problem_or_one_worker_is_solved_here_without_a_process(monkeypatch) -> None:
+    with PathSolver(4) as solver:
+        assert_same_paths(solver.solve([problem(0)])[0], solve(problem(0)))
+        assert solver._started == []
+    monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "1")
+    assert path_workers(8) == 1
+    monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "3")
+    assert path_workers(8) == 3 and path_workers(2) == 2
+    monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "many")
+    assert path_workers(8) == min(8, torch.get_num_threads())
