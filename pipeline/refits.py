@@ -3,8 +3,9 @@
 A small path solve runs on one thread (sparsity._threads_for: thousands of tiny products), so a machine
 with several cores can solve several heads' paths at once. Threads cannot: scipy's L-BFGS-B holds the GIL
 between torch's products (measured 1.11-1.14x slower than one after the other). So each worker is a fresh
-`python -m pipeline.refits` with one thread for torch, OpenMP and the BLAS under scipy (with a BLAS pool per
-process, two workers on two cores solved 4.5x slower than one process alone). Not multiprocessing: its
+`python -m pipeline.refits` with one thread for torch, OpenMP and the BLAS under scipy, and this process
+solves with one BLAS thread while they run (with a BLAS pool per process, two processes on two cores
+solved 4.5x slower than one alone; the tiny vector operations of L-BFGS-B never use a second thread). Not multiprocessing: its
 fork copies a running torch thread pool (measured 2.8x slower, or a hang), and its spawn and forkserver
 import the caller's __main__ again, so a script without a main guard would start its own work twice.
 A worker runs exactly what `regularization_path` runs here, with this process's torch threads (the solves
@@ -15,7 +16,8 @@ The pipe carries one JSON line, then the arrays' raw bytes (their dtypes and sha
 way. No pickle.
 
     is_small       whether a path solve runs on one thread, and so in a worker
-    path_workers   how many worker processes (PROTOQUANT_REFIT_WORKERS, else one per thread torch may use)
+    path_workers   how many processes solve side by side, this one included (PROTOQUANT_REFIT_WORKERS, else
+                   one per thread torch may use)
     PathSolver     solves a list of paths -> a SolvedPath each; a context that owns its workers
 """
 
@@ -35,6 +37,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from pipeline.errors import ProtoquantError
 from pipeline.sparsity import ONE_THREAD_WORK, PathPoint, PathSettings, regularization_path
@@ -70,8 +73,9 @@ class SolvedPath:
 
 
 def path_workers(problems: int) -> int:
-    """Worker processes for `problems` small paths: PROTOQUANT_REFIT_WORKERS when set (1: every solve in this
-    process), else one per thread torch may use here, and never more than the problems."""
+    """Processes that solve `problems` small paths side by side, this one included: PROTOQUANT_REFIT_WORKERS
+    when set (1: every solve in this process), else one per thread torch may use here, never more than the
+    problems."""
     try:
         wanted = int(os.environ.get("PROTOQUANT_REFIT_WORKERS", "0"))
     except ValueError:
@@ -87,43 +91,59 @@ def solve(problem: PathProblem) -> SolvedPath:
 
 
 class PathSolver:
-    """Solves paths; small ones side by side in worker processes, started on the first call that needs them
-    and stopped when the context ends."""
+    """Solves paths: this process and `workers - 1` worker processes take the small ones from one queue
+    (tiny ones are done here before a worker has started); big ones are solved here after them. The workers
+    start on the first call that needs them (or `start`) and stop when the context ends."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._idle: queue.Queue | None = None
         self._started: list[subprocess.Popen] = []
 
     def __enter__(self) -> "PathSolver":
         return self
 
-    def start(self) -> None:
-        """Start the workers now (each imports torch for a second or two) rather than at the first solve:
-        the caller has other work to do meanwhile."""
-        if self.workers > 1:
-            self._start(self.workers)
-
     def __exit__(self, *exc) -> None:
         self._stop(kill=exc[0] is not None)
 
+    def start(self) -> None:
+        """Start the workers now (each imports torch for a second or two) rather than at the first solve:
+        the caller has other work to do meanwhile."""
+        self._start(self.workers - 1)
+
     def solve(self, problems: list[PathProblem]) -> list[SolvedPath]:
         """Each problem's path, in order: the same points `solve` gives one by one."""
-        side_by_side = [i for i, p in enumerate(problems) if p.small] if self.workers > 1 else []
-        if len(side_by_side) < 2:
+        small = [i for i, p in enumerate(problems) if p.small] if self.workers > 1 else []
+        if len(small) < 2:
             return [solve(problem) for problem in problems]
-        self._start(min(self.workers, len(side_by_side)))
-        idle = self._idle
+        self._start(min(self.workers, len(small)) - 1)
+        jobs: queue.SimpleQueue = queue.SimpleQueue()
+        for i in small:
+            jobs.put(i)
+        done: dict[int, SolvedPath] = {}
         talkers = ThreadPoolExecutor(len(self._started), thread_name_prefix="protoquant-refit")
         try:
-            futures = {i: talkers.submit(self._solve_there, idle, problems[i]) for i in side_by_side}
-            here = {i: solve(p) for i, p in enumerate(problems) if i not in futures}
-            return [futures[i].result() if i in futures else here[i] for i in range(len(problems))]
+            futures = [talkers.submit(self._serve, worker, jobs, problems, done) for worker in self._started]
+            with threadpool_limits(limits=1, user_api="blas"):  # its threads would wait for cores the workers use
+                while (i := _next(jobs)) is not None:
+                    done[i] = solve(problems[i])
+                for future in futures:
+                    future.result()
+            for i, problem in enumerate(problems):
+                if i not in done:  # a big one: every core is free for it now
+                    done[i] = solve(problem)
+            return [done[i] for i in range(len(problems))]
         except BaseException:
             self._stop(kill=True)  # Ctrl-C or an error: do not wait for the other solves
             raise
         finally:
             talkers.shutdown(wait=True, cancel_futures=True)
+
+    def _start(self, count: int) -> None:
+        env = {**os.environ, **ONE_THREAD,
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        while len(self._started) < count:
+            self._started.append(subprocess.Popen([sys.executable, "-m", "pipeline.refits"], stdin=subprocess.PIPE,
+                                                  stdout=subprocess.PIPE, env=env))
 
     def _stop(self, *, kill: bool) -> None:
         for worker in self._started:
@@ -142,41 +162,34 @@ class PathSolver:
                     pipe.close()
                 except OSError:
                     pass
-        if self._idle is not None:
-            self._idle.put(None)  # a talker still waiting for a worker learns that there is none
-        self._started, self._idle = [], None
+        self._started = []
 
-    def _start(self, count: int) -> None:
-        if self._idle is None:
-            self._idle = queue.Queue()
-        env = {**os.environ, **ONE_THREAD,
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-        while len(self._started) < count:
-            worker = subprocess.Popen([sys.executable, "-m", "pipeline.refits"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=env)
-            self._started.append(worker)
-            self._idle.put(worker)
+    @staticmethod
+    def _serve(worker: subprocess.Popen, jobs: queue.SimpleQueue, problems: list[PathProblem],
+               done: dict[int, SolvedPath]) -> None:
+        """One worker's share: problems from the queue, sent and answered one at a time, until it is empty."""
+        while (i := _next(jobs)) is not None:
+            problem = problems[i]
+            try:
+                _send(worker.stdin, {"num_classes": problem.num_classes, "settings": asdict(problem.settings),
+                                     "threads": torch.get_num_threads()},
+                      [problem.train[0], problem.train[1], problem.val[0], problem.val[1]])
+                header, arrays = _receive(worker.stdout)
+            except (OSError, ValueError):
+                header = None
+            if header is None:
+                raise ProtoquantError(f"a refit worker process stopped (exit code {worker.poll()}; out of memory?): run "
+                                      "again with PROTOQUANT_REFIT_WORKERS=1 to solve the refits one by one in this process")
+            if "error" in header:
+                raise ProtoquantError(header["error"])
+            done[i] = _solved_from(header, arrays)
 
-    def _solve_there(self, idle: queue.Queue, problem: PathProblem) -> SolvedPath:
-        worker = idle.get()
-        if worker is None:  # the solver stopped: pass the word on to the next talker waiting
-            idle.put(None)
-            raise ProtoquantError("the refit workers were stopped")
-        try:
-            _send(worker.stdin, {"num_classes": problem.num_classes, "settings": asdict(problem.settings),
-                                 "threads": torch.get_num_threads()},
-                  [problem.train[0], problem.train[1], problem.val[0], problem.val[1]])
-            header, arrays = _receive(worker.stdout)
-        except (OSError, ValueError):
-            header = None
-        if header is None:
-            code = worker.poll()
-            raise ProtoquantError(f"a refit worker process stopped (exit code {code}; out of memory?): run again with "
-                                  "PROTOQUANT_REFIT_WORKERS=1 to solve the refits one by one in this process")
-        idle.put(worker)
-        if "error" in header:
-            raise ProtoquantError(header["error"])
-        return _solved_from(header, arrays)
+
+def _next(jobs: queue.SimpleQueue) -> int | None:
+    try:
+        return jobs.get_nowait()
+    except queue.Empty:
+        return None
 
 
 # --- the pipe: a JSON line, then raw arrays ------------------------------------------------------------

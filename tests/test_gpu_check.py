@@ -39,11 +39,11 @@ def dry_run(tmp_path_factory) -> tuple[dict, Path]:
 def test_dry_run_passes_every_check_and_writes_one_results_file(dry_run):
     report, out = dry_run
     assert report["failed"] == []
-    assert list(report["steps"]) == ["make-birds", "extract", "kmeans", "train", "stream", "autocast"]
+    assert list(report["steps"]) == ["make-birds", "extract", "kmeans", "train", "stream", "sweep", "autocast"]
     written = json.loads((out / "gpu_check.json").read_text())
     assert written["steps"]["train"]["cpu_test_top1"] == report["steps"]["train"]["cpu_test_top1"]
     table = (out / "gpu_check.md").read_text()
-    for step in ("extract", "kmeans", "train", "stream"):
+    for step in ("extract", "kmeans", "train", "stream", "sweep"):
         assert f"| {step} |" in table
     assert "default picked: float16" in table
 
@@ -64,6 +64,11 @@ def test_dry_run_figures_agree_with_what_was_run(dry_run):
     assert train["device_head_epoch_s"] > 0 and train["noise_tolerance"] > 0
     assert stream["rows"] == 18 and stream["bytes"] > 18 * 2 * 2 * 1280 * 2  # 18 rows of 2x2x1280 float16, plus index
     assert stream["ratio_stream_over_raw"] == pytest.approx(stream["stream_rows_per_s"] / stream["raw_rows_per_s"])
+    swept = steps["sweep"]
+    assert swept["heads"] == 8 and swept["target"] == 2.0
+    assert swept["ratio_sweep_over_train"] == pytest.approx(swept["sweep_s"] / swept["one_train_s"])
+    assert swept["target_met"] == (swept["ratio_sweep_over_train"] <= 2.0)
+    assert swept["sweep_refits_one_by_one_s"] > 0
 
 
 def test_dry_run_autocast_figures_rank_float16_closest_to_float32(dry_run):

@@ -3,6 +3,8 @@ number; a worker's error and a worker's death each reach the caller as one clear
 
 from __future__ import annotations
 
+import queue
+
 import pytest
 import torch
 
@@ -33,13 +35,18 @@ def test_workers_solve_the_same_paths_as_this_process(monkeypatch) -> None:
     torch.randn(500, 500) @ torch.randn(500, 500)  # this process's thread pool runs, as after stage B
     problems = [problem(0), problem(1, rows=1200), problem(2)]
     here = [solve(p) for p in problems]
-    with PathSolver(2) as solver:
-        there = solver.solve(problems)
-        assert len(solver._started) == 2  # three problems, two workers: one solved two
-        assert any(p.weight.count_nonzero() for p in there[0].points)
-        for a, b in zip(here, there):
-            assert_same_paths(a, b)
-        # a problem too big for one thread is solved here, beside the workers; the order is kept
+    with PathSolver(3) as solver:
+        solver.start()
+        assert len(solver._started) == 2  # three processes side by side: this one and two workers
+        jobs, there = queue.SimpleQueue(), {}
+        for i in range(3):
+            jobs.put(i)
+        PathSolver._serve(solver._started[0], jobs, problems, there)  # every problem through one worker
+        assert sorted(there) == [0, 1, 2] and any(p.weight.count_nonzero() for p in there[0].points)
+        for i, solved in enumerate(here):
+            assert_same_paths(solved, there[i])
+        # through the queue (here or in a worker, whoever is free), a problem too big for one thread solved
+        # here after the others: every answer in its place
         monkeypatch.setattr(refits, "ONE_THREAD_WORK", problems[0].train[0].numel() * 5 + 1)
         assert [p.small for p in problems] == [True, False, True]
         for a, b in zip(here, solver.solve(problems)):
@@ -47,21 +54,37 @@ def test_workers_solve_the_same_paths_as_this_process(monkeypatch) -> None:
     assert solver._started == []
 
 
-def test_a_worker_error_is_the_callers_error() -> None:
+def one_job() -> queue.SimpleQueue:
+    jobs = queue.SimpleQueue()
+    jobs.put(0)
+    return jobs
+
+
+def test_a_worker_error_is_the_callers_error_and_the_worker_serves_on() -> None:
     bad = problem(0)
     bad.train[0][3, 2] = float("nan")
-    with PathSolver(2) as solver, pytest.raises(ProtoquantError, match="presence scores that are NaN"):
-        solver.solve([problem(1), bad])
+    with PathSolver(2) as solver:
+        solver.start()
+        (worker,) = solver._started
+        with pytest.raises(ProtoquantError, match="presence scores that are NaN"):
+            PathSolver._serve(worker, one_job(), [bad], {})
+        done = {}
+        PathSolver._serve(worker, one_job(), [problem(1)], done)
+        assert_same_paths(done[0], solve(problem(1)))
+        with pytest.raises(ProtoquantError, match="presence scores that are NaN"):
+            solver.solve([problem(1), bad, problem(2)])  # here or there: the same error
+    assert solver._started == []
 
 
 def test_a_worker_that_dies_is_named_with_the_way_around_it() -> None:
     with PathSolver(2) as solver:
         solver.start()
-        for worker in solver._started:
-            worker.kill()
-            worker.wait()
+        (worker,) = solver._started
+        worker.kill()
+        worker.wait()
         with pytest.raises(ProtoquantError, match=r"refit worker process stopped .*PROTOQUANT_REFIT_WORKERS=1"):
-            solver.solve([problem(0), problem(1), problem(2)])  # the third waits for a worker: none comes
+            PathSolver._serve(worker, one_job(), [problem(0)], {})
+    assert solver._started == []
 
 
 def test_one_problem_or_one_worker_is_solved_here_without_a_process(monkeypatch) -> None:
