@@ -490,7 +490,7 @@ def sweep(
 ) -> None:
     """Train many heads in ONE pass over the cache per epoch: every codebook x seed x --l1 x --tau.
 
-    Each block of the cache is read once and every head steps on it; heads of one seed share the probe, heads of one seed and codebook share stage A. Writes SWEEP/<name>/ (ordinary run directories: evaluate, gallery, explain and prune take them), SWEEP/index.html (table and accuracy-vs-size plot) and SWEEP/sweep.json. Every option not listed here is train's default. Interrupted? Add --resume.
+    Each block of the cache is read once and every head steps on it; heads of one seed share the probe, heads of one seed and codebook share stage A. Writes SWEEP/<name>/ (ordinary run directories: evaluate, gallery, explain and prune take them), SWEEP/index.html (table and accuracy-vs-size plot) and SWEEP/sweep.json. Every option not listed here is train's default. A seed's path refits run side by side, one process per core (PROTOQUANT_REFIT_WORKERS=1: all in this process; the heads are the same). Interrupted? Add --resume.
 
     Before: [bold]protoquant codebook[/] (one per K). Next: [bold]protoquant evaluate SWEEP/<name>[/].
 
