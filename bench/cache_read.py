@@ -9,7 +9,9 @@ Contenders, all on the same float16 array, in one run:
 - cold: the files' pages dropped first (posix_fadvise DONTNEED), against a plain sequential `readinto`
   of the same shard files, the physical limit of this disk.
 Shuffled blocks are whole inner chunks in a random order (the streaming trainer's access pattern), each
-converted to float32 as a trainer does; "prefetched" reads the next blocks in the background meanwhile.
+converted to float32 with numpy's astype; "prefetched" reads the next blocks in the background meanwhile.
+The trainer converts with torch (`.float()`), about 10x faster than numpy's astype here, which leaves the
+read's own cost in view: protoquant and memmap are also timed that way ("torch" rows).
 
     python bench/cache_read.py [--images 4096] [--grid 7] [--dim 768] [--write-results]
 """
@@ -21,10 +23,12 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +38,7 @@ from pipeline.cache import Cache, SplitPlan, create_cache, write_shard  # noqa: 
 from pipeline.rawshards import read_pool  # noqa: E402
 
 TITLE = "Reading the cache vs a numpy memmap"  # the section bench/run_all.py writes too
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # torch on a memmap: read only here
 
 
 def build(root: Path, n: int, grid: int, dim: int) -> tuple[Cache, Path]:
@@ -100,23 +105,31 @@ def shuffled_blocks(n: int, rows: int, seed: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows, n)) for s in starts]
 
 
-def time_blocks(read, blocks: list[tuple[int, int]]) -> float:
+def numpy_float(block) -> np.ndarray:
+    return np.asarray(block).astype(np.float32)
+
+
+def torch_float(block) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(block)).float()  # the trainer's conversion (pipeline/data.py)
+
+
+def time_blocks(read, blocks: list[tuple[int, int]], convert=numpy_float) -> float:
     begin = time.perf_counter()
     for start, stop in blocks:
-        np.asarray(read(start, stop)).astype(np.float32)  # what a trainer does with a block
+        convert(read(start, stop))
     return time.perf_counter() - begin
 
 
-def time_prefetched(read, blocks: list[tuple[int, int]], ahead: int = 2) -> float:
+def time_prefetched(read, blocks: list[tuple[int, int]], ahead: int = 2, convert=numpy_float) -> float:
     """The same blocks, the next `ahead` read in the background while this one is converted."""
     begin = time.perf_counter()
     pending: deque = deque()
     for start, stop in blocks:
         pending.append(read_pool().submit(read, start, stop))
         if len(pending) > ahead:
-            pending.popleft().result().astype(np.float32)
+            convert(pending.popleft().result())
     while pending:
-        pending.popleft().result().astype(np.float32)
+        convert(pending.popleft().result())
     return time.perf_counter() - begin
 
 
@@ -155,6 +168,9 @@ def measure(cache: Cache, npy: Path, repeats: int) -> dict[str, list[float]]:
         if fast is not None:
             record("blocks zarrs", time_blocks(lambda a, b: fast[a:b], blocks))
         record("blocks memmap", time_blocks(lambda a, b: mm[a:b], blocks))
+        record("blocks protoquant torch", time_blocks(split.read_features, blocks, torch_float))
+        record("blocks protoquant torch prefetched", time_prefetched(split.read_features, blocks, convert=torch_float))
+        record("blocks memmap torch", time_blocks(lambda a, b: mm[a:b], blocks, torch_float))
         record("load protoquant", timed(split.load))
         record("load zarr", timed(lambda: split.features[:]))
         if fast is not None:
@@ -188,6 +204,10 @@ def report(times: dict[str, list[float]], args, rows: int, gb: float) -> str:
     lines.append(f"ratio protoquant / memmap: shuffled blocks {memmap_blocks / best['blocks protoquant']:.2f} "
                  f"(prefetched {memmap_blocks / best['blocks protoquant prefetched']:.2f}; target >= 0.9), "
                  f"whole split {memmap_load / best['load protoquant']:.2f} (warm; target >= 0.5)")
+    torch_blocks = best["blocks memmap torch"]
+    lines.append(f"the same blocks converted with torch, as the trainer does: protoquant / memmap "
+                 f"{torch_blocks / best['blocks protoquant torch']:.2f} (prefetched "
+                 f"{torch_blocks / best['blocks protoquant torch prefetched']:.2f}; memmap {n_blocks / torch_blocks:.1f} blocks/s)")
     lines.append(f"ratio protoquant / raw sequential readinto (cold): {best['cold readinto'] / best['cold protoquant']:.2f} "
                  "(target >= 0.8)")
     zarr_line = (f"for reference, zarr's own reader / memmap: blocks {memmap_blocks / best['blocks zarr']:.2f}, "

@@ -1,23 +1,21 @@
 """Several sparse refits side by side: the sweep's heads of one seed, each path solved in its own process.
 
-A small path solve runs on one thread (sparsity._threads_for: thousands of tiny products), so a machine
-with several cores can solve several heads' paths at once. Threads cannot: scipy's L-BFGS-B holds the GIL
-between torch's products (measured 1.11-1.14x slower than one after the other). So each worker is a fresh
-`python -m pipeline.refits` with one thread for torch, OpenMP and the BLAS under scipy, and this process
-solves with one BLAS thread while they run (with a BLAS pool per process, two processes on two cores
-solved 4.5x slower than one alone; the tiny vector operations of L-BFGS-B never use a second thread). Not multiprocessing: its
-fork copies a running torch thread pool (measured 2.8x slower, or a hang), and its spawn and forkserver
-import the caller's __main__ again, so a script without a main guard would start its own work twice.
-A worker runs exactly what `regularization_path` runs here, with this process's torch threads (the solves
-themselves take one, as here): the same numbers.
-Big solves use every core already; they run here, one after the other.
+A small path solve runs on one thread, torch's and the BLAS's (sparsity._threads_for: thousands of tiny
+products), so a machine with several cores can solve several heads' paths at once. Threads cannot: scipy's
+L-BFGS-B holds the GIL between torch's products (measured 1.11-1.14x slower than one after the other). So
+this process and fresh worker processes (`python -m pipeline.refits`, one thread for torch, OpenMP and the
+BLAS) take the paths from one queue. Not multiprocessing: its fork copies a running torch thread pool (a hang
+without care), and its spawn and forkserver import the caller's __main__ again, so a script without a main
+guard would start its own work twice. A worker runs exactly what `regularization_path` runs here, with this
+process's torch thread count for the path's first products (the solves take one thread, as here): the same
+numbers. Big solves use every core already; they run here, after the small ones.
 
 The pipe carries one JSON line, then the arrays' raw bytes (their dtypes and shapes are in the line), each
-way. No pickle.
+way. No pickle. A worker's own stdout goes to stderr, so nothing a library prints can break the pipe.
 
-    is_small       whether a path solve runs on one thread, and so in a worker
+    is_small       whether a path solve runs on one thread, and so can run in a worker
     path_workers   how many processes solve side by side, this one included (PROTOQUANT_REFIT_WORKERS, else
-                   one per thread torch may use)
+                   one per core this process may use, at most one per 2 GB of free RAM)
     PathSolver     solves a list of paths -> a SolvedPath each; a context that owns its workers
 """
 
@@ -37,12 +35,17 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
 from pipeline.errors import ProtoquantError
 from pipeline.sparsity import ONE_THREAD_WORK, PathPoint, PathSettings, regularization_path
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+WORKER_RAM = 2 * 10**9  # a worker holds torch and scipy (about 0.55 GB measured) and its problem's presence
+ROOT = str(Path(__file__).resolve().parents[1])  # where this `pipeline` package lies: the workers import the same
+WORKER = ("import sys\n"
+          f"sys.path.insert(0, {ROOT!r}) if {ROOT!r} not in sys.path else None\n"
+          "from pipeline.refits import serve\n"
+          "serve()\n")
 
 
 @dataclass(frozen=True)
@@ -74,17 +77,22 @@ class SolvedPath:
 
 def path_workers(problems: int) -> int:
     """Processes that solve `problems` small paths side by side, this one included: PROTOQUANT_REFIT_WORKERS
-    when set (1: every solve in this process), else one per thread torch may use here, never more than the
-    problems."""
+    when set (1: every solve in this process), else one per core this process may use (its CPU affinity and
+    torch's thread count) and at most one per WORKER_RAM of free memory; never more than the problems."""
+    from pipeline.data import available_memory
+
     try:
         wanted = int(os.environ.get("PROTOQUANT_REFIT_WORKERS", "0"))
     except ValueError:
         wanted = 0
-    return max(1, min(problems, wanted if wanted > 0 else torch.get_num_threads()))
+    if wanted <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        wanted = min(cores, torch.get_num_threads(), 1 + available_memory() // WORKER_RAM)
+    return max(1, min(problems, wanted))
 
 
-def solve(problem: PathProblem) -> SolvedPath:
-    """The problem's path, solved here."""
+def solve_here(problem: PathProblem) -> SolvedPath:
+    """The problem's path, solved in this process."""
     started = time.perf_counter()
     points = regularization_path(problem.train, problem.val, problem.num_classes, problem.settings)
     return SolvedPath(points, time.perf_counter() - started, int(problem.val[1].numel()))
@@ -111,26 +119,26 @@ class PathSolver:
         self._start(self.workers - 1)
 
     def solve(self, problems: list[PathProblem]) -> list[SolvedPath]:
-        """Each problem's path, in order: the same points `solve` gives one by one."""
+        """Each problem's path, in order: the same points `solve_here` gives one by one."""
         small = [i for i, p in enumerate(problems) if p.small] if self.workers > 1 else []
         if len(small) < 2:
-            return [solve(problem) for problem in problems]
+            return [solve_here(problem) for problem in problems]
         self._start(min(self.workers, len(small)) - 1)
         jobs: queue.SimpleQueue = queue.SimpleQueue()
         for i in small:
             jobs.put(i)
         done: dict[int, SolvedPath] = {}
+        threads = torch.get_num_threads()  # here, outside any _threads_for: what a path starts with in this process
         talkers = ThreadPoolExecutor(len(self._started), thread_name_prefix="protoquant-refit")
         try:
-            futures = [talkers.submit(self._serve, worker, jobs, problems, done) for worker in self._started]
-            with threadpool_limits(limits=1, user_api="blas"):  # its threads would wait for cores the workers use
-                while (i := _next(jobs)) is not None:
-                    done[i] = solve(problems[i])
-                for future in futures:
-                    future.result()
+            futures = [talkers.submit(_serve_jobs, worker, jobs, problems, done, threads) for worker in self._started]
+            while (i := _next(jobs)) is not None:
+                done[i] = solve_here(problems[i])
+            for future in futures:
+                future.result()
             for i, problem in enumerate(problems):
                 if i not in done:  # a big one: every core is free for it now
-                    done[i] = solve(problem)
+                    done[i] = solve_here(problem)
             return [done[i] for i in range(len(problems))]
         except BaseException:
             self._stop(kill=True)  # Ctrl-C or an error: do not wait for the other solves
@@ -139,11 +147,10 @@ class PathSolver:
             talkers.shutdown(wait=True, cancel_futures=True)
 
     def _start(self, count: int) -> None:
-        env = {**os.environ, **ONE_THREAD,
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
         while len(self._started) < count:
-            self._started.append(subprocess.Popen([sys.executable, "-m", "pipeline.refits"], stdin=subprocess.PIPE,
-                                                  stdout=subprocess.PIPE, env=env))
+            # -P: not the current folder first on sys.path (a pipeline/ there would run instead of ours)
+            self._started.append(subprocess.Popen([sys.executable, "-P", "-c", WORKER], stdin=subprocess.PIPE,
+                                                  stdout=subprocess.PIPE, env={**os.environ, **ONE_THREAD}))
 
     def _stop(self, *, kill: bool) -> None:
         for worker in self._started:
@@ -164,25 +171,28 @@ class PathSolver:
                     pass
         self._started = []
 
-    @staticmethod
-    def _serve(worker: subprocess.Popen, jobs: queue.SimpleQueue, problems: list[PathProblem],
-               done: dict[int, SolvedPath]) -> None:
-        """One worker's share: problems from the queue, sent and answered one at a time, until it is empty."""
-        while (i := _next(jobs)) is not None:
-            problem = problems[i]
+
+def _serve_jobs(worker: subprocess.Popen, jobs: queue.SimpleQueue, problems: list[PathProblem],
+                done: dict[int, SolvedPath], threads: int) -> None:
+    """One worker's share: problems from the queue, sent and answered one at a time, until it is empty."""
+    while (i := _next(jobs)) is not None:
+        problem = problems[i]
+        try:
+            _send(worker.stdin, {"num_classes": problem.num_classes, "settings": asdict(problem.settings),
+                                 "threads": threads}, [*problem.train, *problem.val])
+            header, arrays = _receive(worker.stdout)
+        except (OSError, ValueError):
+            header = None
+        if header is None:
             try:
-                _send(worker.stdin, {"num_classes": problem.num_classes, "settings": asdict(problem.settings),
-                                     "threads": torch.get_num_threads()},
-                      [problem.train[0], problem.train[1], problem.val[0], problem.val[1]])
-                header, arrays = _receive(worker.stdout)
-            except (OSError, ValueError):
-                header = None
-            if header is None:
-                raise ProtoquantError(f"a refit worker process stopped (exit code {worker.poll()}; out of memory?): run "
-                                      "again with PROTOQUANT_REFIT_WORKERS=1 to solve the refits one by one in this process")
-            if "error" in header:
-                raise ProtoquantError(header["error"])
-            done[i] = _solved_from(header, arrays)
+                code = worker.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise ProtoquantError(f"a refit worker process stopped (exit code {code}; out of memory?): run again with "
+                                  "PROTOQUANT_REFIT_WORKERS=1 to solve the refits one by one in this process")
+        if "error" in header:
+            raise ProtoquantError(header["error"])
+        done[i] = _solved_from(header, arrays)
 
 
 def _next(jobs: queue.SimpleQueue) -> int | None:
@@ -199,7 +209,7 @@ def _send(stream: BinaryIO, header: dict, arrays: list) -> None:
     header = {**header, "arrays": [[a.dtype.str, list(a.shape)] for a in arrays]}
     stream.write(json.dumps(header).encode() + b"\n")
     for a in arrays:
-        stream.write(memoryview(a).cast("B"))
+        stream.write(a.tobytes() if a.size == 0 else memoryview(a).cast("B"))
     stream.flush()
 
 
@@ -212,8 +222,7 @@ def _receive(stream: BinaryIO) -> tuple[dict | None, list[np.ndarray]]:
     arrays = []
     for dtype, shape in header.pop("arrays"):
         a = np.empty(shape, dtype=np.dtype(dtype))
-        view = memoryview(a).cast("B")
-        if stream.readinto(view) != len(view):
+        if a.size and stream.readinto(memoryview(a).cast("B")) != a.nbytes:
             raise ValueError("the refit pipe ended inside an array")
         arrays.append(a)
     return header, arrays
@@ -230,22 +239,31 @@ def _solved_from(header: dict, weights: list[np.ndarray]) -> SolvedPath:
 
 
 def serve() -> None:
-    """A worker's loop: a problem in, its solved path out, until the input ends. Ctrl-C is for the parent."""
+    """A worker's loop: a problem in, its solved path out, until the input ends or the parent is gone.
+    Ctrl-C is for the parent (it stops the workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    source, sink = sys.stdin.buffer, sys.stdout.buffer
-    while True:
-        header, arrays = _receive(source)
-        if header is None:
-            return
-        try:
-            torch.set_num_threads(header["threads"])  # as the parent: the path's first products run outside _threads_for
-            problem = PathProblem((torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])),
-                                  (torch.from_numpy(arrays[2]), torch.from_numpy(arrays[3])),
-                                  header["num_classes"], PathSettings(**header["settings"]))
-            message, out = _solved_message(solve(problem))
-        except Exception as err:  # noqa: BLE001  (the parent raises it, with its message)
-            message, out = {"error": str(err) if isinstance(err, ProtoquantError) else f"the refit failed: {err!r}"}, []
-        _send(sink, message, out)
+    source = sys.stdin.buffer
+    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the pipe; fd 1 (print, C libraries) goes to stderr
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    try:
+        while True:
+            header, arrays = _receive(source)
+            if header is None:
+                return
+            _send(sink, *_answer(header, arrays))
+    except (OSError, ValueError):  # the parent is gone (killed, or it stopped the workers): nothing to tell anyone
+        return
+
+
+def _answer(header: dict, arrays: list[np.ndarray]) -> tuple[dict, list[np.ndarray]]:
+    try:
+        torch.set_num_threads(header["threads"])  # as the parent: the path's first products run outside _threads_for
+        problem = PathProblem((torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1])),
+                              (torch.from_numpy(arrays[2]), torch.from_numpy(arrays[3])),
+                              header["num_classes"], PathSettings(**header["settings"]))
+        return _solved_message(solve_here(problem))
+    except Exception as err:  # noqa: BLE001  (the parent raises it, with its message)
+        return {"error": str(err) if isinstance(err, ProtoquantError) else f"the refit failed: {err!r}"}, []
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import optimize
+from threadpoolctl import ThreadpoolController
 
 from pipeline.errors import ProtoquantError
 
@@ -260,15 +262,26 @@ def _relaxed(presence: torch.Tensor, labels: torch.Tensor, num_classes: int, wei
 
 @contextmanager
 def _threads_for(work: int) -> Iterator[None]:
-    """One thread for small solves: thousands of tiny products run many times slower on a busy machine's
-    thread pool than on one core."""
-    before = torch.get_num_threads()
-    if work < ONE_THREAD_WORK:
-        torch.set_num_threads(1)
-    try:
+    """One thread for small solves, torch's and the BLAS's under L-BFGS-B: thousands of tiny products run
+    many times slower on a busy machine's thread pool than on one core. The BLAS splits a dot product of
+    more than 10,000 weights (classes x codes) over its threads, which rounds differently: on one thread
+    a small solve gives the same numbers in any process (pipeline/refits.py)."""
+    if work >= ONE_THREAD_WORK:
         yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _blas().limit(limits=1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
+
+
+@lru_cache(maxsize=1)
+def _blas() -> ThreadpoolController:
+    """The process's BLAS and OpenMP pools (numpy's, scipy's), found once."""
+    return ThreadpoolController()
 
 
 def selection_margin(best: float, n_val: int | None, tolerance: float) -> float:

@@ -561,7 +561,7 @@ def push_step(head: nn.Module, settings: TrainSettings, train_rows: Callable[[],
     return push
 
 
-def path_settings(settings: TrainSettings):
+def path_settings(settings: TrainSettings) -> "PathSettings":  # noqa: F821  (imported here: sparsity imports scipy)
     """The sparsity path's layout and rule from train's settings (pipeline/sparsity.py PathSettings)."""
     from pipeline.sparsity import PathSettings
 

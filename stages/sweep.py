@@ -45,9 +45,9 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, codes_in_use, local_size_
 from pipeline.multihead import Codes, Lane, Member, grounding_together, heads_loss, run_round, stacked_logits
 from pipeline.paths import check_output, remove_ours
 from pipeline.plots import Series, line_chart, sparsity_chart
+from pipeline.refits import PathProblem, PathSolver, is_small, path_workers
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
-from pipeline.refits import PathProblem, PathSolver, is_small, path_workers
 from pipeline.sparsity import presence_matrices
 from pipeline.training import (OptimSettings, Phase, PhaseState, TrainSettings, check_train_settings,
                                classification_loss, head_phase, needs_finetune, optimizer_to_artifact,

@@ -10,7 +10,7 @@ import torch
 
 from pipeline import refits
 from pipeline.errors import ProtoquantError
-from pipeline.refits import PathProblem, PathSolver, path_workers, solve
+from pipeline.refits import PathProblem, PathSolver, _serve_jobs, path_workers, solve_here
 from pipeline.sparsity import PathSettings
 
 
@@ -31,27 +31,53 @@ def assert_same_paths(a, b) -> None:
             (q.penalty, q.val_top1, q.train_top1, q.val_loss, q.val_loss_se)
 
 
+def wide_problem(seed: int = 0, rows: int = 300, codes: int = 2100, classes: int = 6) -> PathProblem:
+    """classes x codes above 10,000: the BLAS would split L-BFGS-B's dot products over its threads (and round
+    differently) were a small solve not on one thread in every process."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=g)
+    presence = torch.rand(rows, codes, generator=g)
+    presence[torch.arange(rows), labels * (codes // classes)] += 0.3
+    cut = rows * 3 // 4
+    return PathProblem((presence[:cut], labels[:cut]), (presence[cut:], labels[cut:]), classes, PathSettings(points=6))
+
+
 def test_workers_solve_the_same_paths_as_this_process(monkeypatch) -> None:
     torch.randn(500, 500) @ torch.randn(500, 500)  # this process's thread pool runs, as after stage B
-    problems = [problem(0), problem(1, rows=1200), problem(2)]
-    here = [solve(p) for p in problems]
+    problems = [problem(0), problem(1, rows=1200), wide_problem()]
+    here = [solve_here(p) for p in problems]
+    assert here[2].points[-1].nonzero > 100  # many weights in play: rounding would show
     with PathSolver(3) as solver:
         solver.start()
         assert len(solver._started) == 2  # three processes side by side: this one and two workers
         jobs, there = queue.SimpleQueue(), {}
         for i in range(3):
             jobs.put(i)
-        PathSolver._serve(solver._started[0], jobs, problems, there)  # every problem through one worker
+        _serve_jobs(solver._started[0], jobs, problems, there, torch.get_num_threads())  # every problem through one worker
         assert sorted(there) == [0, 1, 2] and any(p.weight.count_nonzero() for p in there[0].points)
         for i, solved in enumerate(here):
             assert_same_paths(solved, there[i])
         # through the queue (here or in a worker, whoever is free), a problem too big for one thread solved
         # here after the others: every answer in its place
+        problems[2] = problem(2)
+        here[2] = solve_here(problems[2])
         monkeypatch.setattr(refits, "ONE_THREAD_WORK", problems[0].train[0].numel() * 5 + 1)
         assert [p.small for p in problems] == [True, False, True]
         for a, b in zip(here, solver.solve(problems)):
             assert_same_paths(a, b)
     assert solver._started == []
+
+
+def test_a_pipeline_package_in_the_current_folder_does_not_replace_the_workers_code(tmp_path, monkeypatch) -> None:
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("")
+    (tmp_path / "pipeline" / "refits.py").write_text("print('not protoquant')\n")
+    monkeypatch.chdir(tmp_path)
+    with PathSolver(2) as solver:
+        solver.start()
+        done = {}
+        _serve_jobs(solver._started[0], one_job(), [problem(1)], done, torch.get_num_threads())
+    assert_same_paths(done[0], solve_here(problem(1)))
 
 
 def one_job() -> queue.SimpleQueue:
@@ -67,10 +93,10 @@ def test_a_worker_error_is_the_callers_error_and_the_worker_serves_on() -> None:
         solver.start()
         (worker,) = solver._started
         with pytest.raises(ProtoquantError, match="presence scores that are NaN"):
-            PathSolver._serve(worker, one_job(), [bad], {})
+            _serve_jobs(worker, one_job(), [bad], {}, 1)
         done = {}
-        PathSolver._serve(worker, one_job(), [problem(1)], done)
-        assert_same_paths(done[0], solve(problem(1)))
+        _serve_jobs(worker, one_job(), [problem(1)], done, torch.get_num_threads())
+        assert_same_paths(done[0], solve_here(problem(1)))
         with pytest.raises(ProtoquantError, match="presence scores that are NaN"):
             solver.solve([problem(1), bad, problem(2)])  # here or there: the same error
     assert solver._started == []
@@ -83,17 +109,19 @@ def test_a_worker_that_dies_is_named_with_the_way_around_it() -> None:
         worker.kill()
         worker.wait()
         with pytest.raises(ProtoquantError, match=r"refit worker process stopped .*PROTOQUANT_REFIT_WORKERS=1"):
-            PathSolver._serve(worker, one_job(), [problem(0)], {})
+            _serve_jobs(worker, one_job(), [problem(0)], {}, 1)
     assert solver._started == []
 
 
 def test_one_problem_or_one_worker_is_solved_here_without_a_process(monkeypatch) -> None:
     with PathSolver(4) as solver:
-        assert_same_paths(solver.solve([problem(0)])[0], solve(problem(0)))
+        assert_same_paths(solver.solve([problem(0)])[0], solve_here(problem(0)))
         assert solver._started == []
     monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "1")
     assert path_workers(8) == 1
     monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "3")
     assert path_workers(8) == 3 and path_workers(2) == 2
-    monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "many")
-    assert path_workers(8) == min(8, torch.get_num_threads())
+    monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "many")  # not a number: the default
+    default = path_workers(8)
+    monkeypatch.delenv("PROTOQUANT_REFIT_WORKERS")
+    assert path_workers(8) == default and 1 <= default <= min(8, torch.get_num_threads())
