@@ -570,9 +570,10 @@ def path_settings(settings: TrainSettings) -> "PathSettings":  # noqa: F821  (im
 
 
 def sparse_step(head: nn.Module, settings: TrainSettings, presence: Callable[[], tuple] | None = None, *,
-                solved: tuple | None = None) -> dict:
+                solved: "SolvedPath | None" = None) -> dict:  # noqa: F821  (pipeline/refits.py)
     """In place, the sparse step: path (W refit on the cached presence, `presence()` -> ((N, K) train, labels),
-    ((M, K) val, labels); or `solved`, a refits.SolvedPath: the path solved already) or topk (the cut, then the unused codes leave the softmax); -> its record."""
+    ((M, K) val, labels); or `solved`, the path solved already: pipeline/refits.py) or topk (the cut, then the
+    unused codes leave the softmax); -> its record."""
     from pipeline.model import drop_unused_codes, keep_top_k_weights
     from pipeline.sparsity import apply_chosen_point, refit_from_presence
 

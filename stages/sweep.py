@@ -364,9 +364,9 @@ class _SweepTrainer:
 
     def _tails(self, heads: dict[str, ProtoQuantHead]) -> None:
         """train's push and sparse step for every head: the pushes head by head, then seed by seed every
-        head's presence in one pass per split and the heads' path refits side by side, one worker process per
-        core (pipeline/refits.py). Memory: one seed's heads x N x K x 4 bytes at a time. A record's "seconds"
-        here is the solve alone (train's also holds its presence pass)."""
+        head's presence in one pass per split and the heads' path refits side by side, in this process and
+        worker processes, one per core (pipeline/refits.py). Memory: one seed's heads x N x K x 4 bytes at a
+        time. A record's "seconds" here is the solve alone (train's also holds its presence pass)."""
         base = self.settings
         small = [spec for spec in self.specs if spec.settings(base).sparsity == "path"
                  and is_small(len(self.data[spec.seed].refit[0]), *heads[spec.name].weight.shape[::-1])]
@@ -378,24 +378,25 @@ class _SweepTrainer:
                       for spec in self.specs}
             records = {}
             for seed in self.seeds:
-                data, specs = self.data[seed], [spec for spec in self.specs if spec.seed == seed]
-                refit = [spec for spec in specs if spec.settings(base).sparsity == "path"]
-                solved = {}
-                if refit:
-                    lane = [heads[spec.name] for spec in refit]
-                    refit_train, refit_val, _ = data.refit
-                    train = presence_matrices(lane, data.scan(rows=refit_train).batches(0), device=self.device)
-                    val = presence_matrices(lane, data.scan(rows=refit_val).batches(0), device=self.device)
-                    problems = [PathProblem(t, v, int(heads[spec.name].weight.shape[0]), path_settings(spec.settings(base)))
-                                for spec, t, v in zip(refit, train, val)]
-                    del train, val
-                    solved = dict(zip([spec.name for spec in refit], solver.solve(problems)))
-                    del problems
-                for spec in specs:
-                    records[spec.name] = sparse_step(heads[spec.name], spec.settings(base), solved=solved.pop(spec.name, None))
-                    if spec in refit:
-                        records[spec.name] |= data.refit[2]
+                solved = self._solve_paths(solver, seed, heads)
+                for spec in (spec for spec in self.specs if spec.seed == seed):
+                    records[spec.name] = sparse_step(heads[spec.name], spec.settings(base), solved=solved.get(spec.name))
+                    if spec.name in solved:
+                        records[spec.name] |= self.data[seed].refit[2]
         self.tails = {spec.name: (pushes[spec.name], records[spec.name]) for spec in self.specs}
+
+    def _solve_paths(self, solver: PathSolver, seed: int, heads: dict[str, ProtoQuantHead]) -> dict:
+        """{head name: its solved path} for the seed's heads with the path refit, their presence from one pass."""
+        refit = [spec for spec in self.specs if spec.seed == seed and spec.settings(self.settings).sparsity == "path"]
+        if not refit:
+            return {}
+        data, lane = self.data[seed], [heads[spec.name] for spec in refit]
+        refit_train, refit_val, _ = data.refit
+        train = presence_matrices(lane, data.scan(rows=refit_train).batches(0), device=self.device)
+        val = presence_matrices(lane, data.scan(rows=refit_val).batches(0), device=self.device)
+        problems = [PathProblem(t, v, int(head.weight.shape[0]), path_settings(spec.settings(self.settings)))
+                    for spec, head, t, v in zip(refit, lane, train, val)]
+        return dict(zip([spec.name for spec in refit], solver.solve(problems)))
 
     # --- checkpoint: like train's, one entry per model -------------------------------------------------------
 
