@@ -371,8 +371,7 @@ class _SweepTrainer:
         small = [spec for spec in self.specs if spec.settings(base).sparsity == "path"
                  and is_small(len(self.data[spec.seed].refit[0]), *heads[spec.name].weight.shape[::-1])]
         most = max([sum(spec.seed == seed for spec in small) for seed in self.seeds], default=0)
-        with PathSolver(path_workers(most)) as solver:
-            solver.start()  # the workers start up while the pushes run
+        with PathSolver(path_workers(most)) as solver:  # its workers start at the first solve, beside this process's
             pushes = {spec.name: push_step(heads[spec.name], spec.settings(base),
                                            lambda spec=spec: self.data[spec.seed].scan().batches(0), device=self.device)
                       for spec in self.specs}
