@@ -287,12 +287,13 @@ def step_sweep(cache: Path, work: Path, device: torch.device, sizes: Sizes) -> d
     begin = time.perf_counter()
     train(cache, books[0], work / "run-streamed", settings, overwrite=True)
     one_train = time.perf_counter() - begin
+    processes = path_workers(4)  # a seed's 4 heads: what the sweep starts with
     begin = time.perf_counter()
     result = sweep(cache, books, work / "sweep", settings, SweepGrid(seeds=(0, 1), l1=(0.0, settings.l1)), overwrite=True)
     swept = time.perf_counter() - begin
     ratio = swept / one_train
     return {"heads": len(result.rows), "one_train_s": one_train, "sweep_s": swept, "ratio_sweep_over_train": ratio,
-            "refit_processes": path_workers(4), "target": SWEEP_TARGET, "target_met": ratio <= SWEEP_TARGET,
+            "refit_processes": processes, "target": SWEEP_TARGET, "target_met": ratio <= SWEEP_TARGET,
             "ok": len(result.rows) == 8}
 
 

@@ -2,9 +2,9 @@
 
 A small path solve runs on one thread, torch's and the BLAS's (sparsity._threads_for: thousands of tiny
 products), so a machine with several cores can solve several heads' paths at once. Threads cannot: scipy's
-L-BFGS-B holds the GIL between torch's products (measured 1.11-1.14x slower than one after the other). So
-this process and fresh worker processes (`python -m pipeline.refits`, one thread for torch, OpenMP and the
-BLAS) take the paths from one queue. Not multiprocessing: its fork copies a running torch thread pool (a hang
+L-BFGS-B holds the GIL between torch's products (measured about 1.1x slower than one after the other). So
+this process and fresh worker processes (`python -P -c WORKER`, one thread for torch, OpenMP and the BLAS)
+take the paths from one queue. Not multiprocessing: its fork copies a running torch thread pool (a hang
 without care), and its spawn and forkserver import the caller's __main__ again, so a script without a main
 guard would start its own work twice. A worker runs exactly what `regularization_path` runs here, with this
 process's torch thread count for the path's first products (the solves take one thread, as here): the same
@@ -40,12 +40,14 @@ from pipeline.errors import ProtoquantError
 from pipeline.sparsity import ONE_THREAD_WORK, PathPoint, PathSettings, regularization_path
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-WORKER_RAM = 2 * 10**9  # a worker holds torch and scipy (about 0.55 GB measured) and its problem's presence
+WORKER_RAM = 2 * 10**9  # a worker holds torch and scipy (0.56 GB measured) and its problem's presence
 ROOT = str(Path(__file__).resolve().parents[1])  # where this `pipeline` package lies: the workers import the same
-WORKER = ("import sys\n"
+WORKER = ("import os, sys\n"
+          "pipe = os.dup(1)\n"  # the answers' pipe; from here on fd 1 (print, C libraries, imports) is stderr
+          "os.dup2(2, 1)\n"
           f"sys.path.insert(0, {ROOT!r}) if {ROOT!r} not in sys.path else None\n"
           "from pipeline.refits import serve\n"
-          "serve()\n")
+          "serve(pipe)\n")
 
 
 @dataclass(frozen=True)
@@ -238,13 +240,11 @@ def _solved_from(header: dict, weights: list[np.ndarray]) -> SolvedPath:
     return SolvedPath(points, header["seconds"], header["n_val"])
 
 
-def serve() -> None:
-    """A worker's loop: a problem in, its solved path out, until the input ends or the parent is gone.
-    Ctrl-C is for the parent (it stops the workers)."""
+def serve(pipe: int) -> None:
+    """A worker's loop (WORKER): a problem in from stdin, its solved path out on the file descriptor `pipe`,
+    until the input ends or the parent is gone. Ctrl-C is for the parent (it stops the workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    source = sys.stdin.buffer
-    sink = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the pipe; fd 1 (print, C libraries) goes to stderr
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    source, sink = sys.stdin.buffer, os.fdopen(pipe, "wb")
     try:
         while True:
             header, arrays = _receive(source)
@@ -264,7 +264,3 @@ def _answer(header: dict, arrays: list[np.ndarray]) -> tuple[dict, list[np.ndarr
         return _solved_message(solve_here(problem))
     except Exception as err:  # noqa: BLE001  (the parent raises it, with its message)
         return {"error": str(err) if isinstance(err, ProtoquantError) else f"the refit failed: {err!r}"}, []
-
-
-if __name__ == "__main__":
-    serve()

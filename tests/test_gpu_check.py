@@ -69,7 +69,7 @@ def test_dry_run_figures_agree_with_what_was_run(dry_run):
     assert swept["heads"] == 8 and swept["target"] == 2.0
     assert swept["ratio_sweep_over_train"] == pytest.approx(swept["sweep_s"] / swept["one_train_s"])
     assert swept["target_met"] == (swept["ratio_sweep_over_train"] <= 2.0)
-    assert swept["refit_processes"] == min(4, torch.get_num_threads())
+    assert 1 <= swept["refit_processes"] <= min(4, torch.get_num_threads())
 
 
 def test_dry_run_autocast_figures_rank_float16_closest_to_float32(dry_run):

@@ -4,6 +4,7 @@ number; a worker's error and a worker's death each reach the caller as one clear
 from __future__ import annotations
 
 import queue
+import threading
 
 import pytest
 import torch
@@ -73,11 +74,49 @@ def test_a_pipeline_package_in_the_current_folder_does_not_replace_the_workers_c
     (tmp_path / "pipeline" / "__init__.py").write_text("")
     (tmp_path / "pipeline" / "refits.py").write_text("print('not protoquant')\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", refits.ROOT)  # ours already on the path: only -P keeps the folder off it
     with PathSolver(2) as solver:
         solver.start()
         done = {}
         _serve_jobs(solver._started[0], one_job(), [problem(1)], done, torch.get_num_threads())
     assert_same_paths(done[0], solve_here(problem(1)))
+
+
+def test_what_a_worker_prints_does_not_reach_the_pipe(monkeypatch) -> None:
+    noisy = refits.WORKER.replace("from pipeline.refits import serve", "print('a library says hello')\nfrom pipeline.refits import serve")
+    assert noisy != refits.WORKER
+    monkeypatch.setattr(refits, "WORKER", noisy)
+    with PathSolver(2) as solver:
+        solver.start()
+        done = {}
+        _serve_jobs(solver._started[0], one_job(), [problem(1)], done, torch.get_num_threads())
+    assert_same_paths(done[0], solve_here(problem(1)))
+
+
+def test_the_workers_take_their_share_of_the_queue(monkeypatch) -> None:
+    """This process waits, before its first solve, until a worker has answered: then some answers came from
+    workers, and every answer is still in its place."""
+    answered = threading.Event()
+    original_from, original_here = refits._solved_from, refits.solve_here
+    here_count = []
+
+    def from_worker(header, arrays):
+        answered.set()
+        return original_from(header, arrays)
+
+    def here_after_a_worker(problem):
+        assert answered.wait(timeout=120)
+        here_count.append(1)
+        return original_here(problem)
+
+    problems = [problem(seed) for seed in range(4)]
+    expected = [original_here(p) for p in problems]
+    monkeypatch.setattr(refits, "_solved_from", from_worker)
+    monkeypatch.setattr(refits, "solve_here", here_after_a_worker)
+    with PathSolver(2) as solver:
+        for a, b in zip(expected, solver.solve(problems)):
+            assert_same_paths(a, b)
+    assert len(here_count) < len(problems)
 
 
 def one_job() -> queue.SimpleQueue:

@@ -91,7 +91,7 @@ def test_a_projected_sweep_head_equals_the_head_train_gives(store, tmp_path, pus
 def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, monkeypatch, sampled) -> None:
     refit = replace(SHORT, sparsity="path", path_points=8)
     books = store["books"][:1]
-    if not sampled:  # two heads of one seed: their paths solved side by side in two worker processes
+    if not sampled:  # two heads of one seed: their paths solved side by side, here and in a worker process
         books = store["books"]
         monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "2")
     if sampled:  # a refit budget of half what every row needs: train and sweep take the same stratified sample
@@ -117,6 +117,15 @@ def test_sweep_heads_take_trains_sparse_refit_and_match_it(store, tmp_path, monk
             {k: records[1][k] for k in ("refit_share", "refit_rows", "n_val")}
     else:
         assert [record["refit_share"] for record in records] == [1.0, 1.0]
+        # both heads of the seed, whichever process solved them: bitwise the sweep that solves them one by one
+        # (the k8 head is compared with that, not with train: its stage B shares the raw product with the k16
+        # head's, and on this tiny set the path turns that rounding into other weights)
+        monkeypatch.setenv("PROTOQUANT_REFIT_WORKERS", "1")
+        sweep(store["cache"], books, tmp_path / "one-by-one", refit, SweepGrid(seeds=(0,), l1=(0.0,), tau=(0.1,)))
+        for name in (_head_name(0, 16, 0), _head_name(1, 8, 0)):
+            side_by_side, one_by_one = (load_head(tmp_path / run / name / "head.safetensors")[0]
+                                        for run in ("sweep", "one-by-one"))
+            assert torch.equal(side_by_side.weight, one_by_one.weight)
 
 
 def test_streamed_sweep_equals_train_for_its_first_seed(store, tmp_path) -> None:
