@@ -13,7 +13,6 @@ numbers. Big solves use every core already; they run here, after the small ones.
 The pipe carries one JSON line, then the arrays' raw bytes (their dtypes and shapes are in the line), each
 way. No pickle. A worker's own stdout goes to stderr, so nothing a library prints can break the pipe.
 
-    is_small       whether a path solve runs on one thread, and so can run in a worker
     path_workers   how many processes solve side by side, this one included (PROTOQUANT_REFIT_WORKERS, else
                    one per core this process may use, at most one per 2 GB of free RAM)
     PathSolver     solves a list of paths -> a SolvedPath each; a context that owns its workers
@@ -61,13 +60,8 @@ class PathProblem:
 
     @property
     def small(self) -> bool:
-        return is_small(*self.train[0].shape, self.num_classes)
-
-
-def is_small(rows: int, codes: int, classes: int) -> bool:
-    """Whether a path on rows x codes presence runs on one thread (sparsity._threads_for), so that it can run
-    beside others."""
-    return rows * codes * classes < ONE_THREAD_WORK
+        """Whether its solve runs on one thread (sparsity._threads_for), so that it can run beside others."""
+        return self.train[0].numel() * self.num_classes < ONE_THREAD_WORK
 
 
 @dataclass(frozen=True)

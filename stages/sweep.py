@@ -45,7 +45,7 @@ from pipeline.model import (ProbeHead, ProtoQuantHead, codes_in_use, local_size_
 from pipeline.multihead import Codes, Lane, Member, grounding_together, heads_loss, run_round, stacked_logits
 from pipeline.paths import check_output, remove_ours
 from pipeline.plots import Series, line_chart, sparsity_chart
-from pipeline.refits import PathProblem, PathSolver, is_small, path_workers
+from pipeline.refits import PathProblem, PathSolver, path_workers
 from pipeline.render import render_page, write_style, write_text
 from pipeline.run import digest, finish_run_dir, is_run_dir, prepare_run_dir, train_run_config
 from pipeline.sparsity import presence_matrices
@@ -368,10 +368,9 @@ class _SweepTrainer:
         worker processes, one per core (pipeline/refits.py). Memory: one seed's heads x N x K x 4 bytes at a
         time. A record's "seconds" here is the solve alone (train's also holds its presence pass)."""
         base = self.settings
-        small = [spec for spec in self.specs if spec.settings(base).sparsity == "path"
-                 and is_small(len(self.data[spec.seed].refit[0]), *heads[spec.name].weight.shape[::-1])]
-        most = max([sum(spec.seed == seed for spec in small) for seed in self.seeds], default=0)
-        with PathSolver(path_workers(most)) as solver:  # its workers start at the first solve, beside this process's
+        most = max(sum(spec.seed == seed for spec in self.specs) for seed in self.seeds)
+        # its workers start at the first solve that has two small paths, beside this process's own solves
+        with PathSolver(path_workers(most)) as solver:
             pushes = {spec.name: push_step(heads[spec.name], spec.settings(base),
                                            lambda spec=spec: self.data[spec.seed].scan().batches(0), device=self.device)
                       for spec in self.specs}

@@ -75,22 +75,14 @@ def test_a_pipeline_package_in_the_current_folder_does_not_replace_the_workers_c
     (tmp_path / "pipeline" / "refits.py").write_text("print('not protoquant')\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PYTHONPATH", refits.ROOT)  # ours already on the path: only -P keeps the folder off it
-    with PathSolver(2) as solver:
-        solver.start()
-        done = {}
-        _serve_jobs(solver._started[0], one_job(), [problem(1)], done, torch.get_num_threads())
-    assert_same_paths(done[0], solve_here(problem(1)))
+    assert_a_worker_solves_as_here(problem(1))
 
 
 def test_what_a_worker_prints_does_not_reach_the_pipe(monkeypatch) -> None:
     noisy = refits.WORKER.replace("from pipeline.refits import serve", "print('a library says hello')\nfrom pipeline.refits import serve")
     assert noisy != refits.WORKER
     monkeypatch.setattr(refits, "WORKER", noisy)
-    with PathSolver(2) as solver:
-        solver.start()
-        done = {}
-        _serve_jobs(solver._started[0], one_job(), [problem(1)], done, torch.get_num_threads())
-    assert_same_paths(done[0], solve_here(problem(1)))
+    assert_a_worker_solves_as_here(problem(1))
 
 
 def test_the_workers_take_their_share_of_the_queue(monkeypatch) -> None:
@@ -119,6 +111,20 @@ def test_the_workers_take_their_share_of_the_queue(monkeypatch) -> None:
     assert len(here_count) < len(problems)
 
 
+def solved_by(worker, path_problem: PathProblem) -> "refits.SolvedPath":
+    """The problem's path as that worker process answers it."""
+    done = {}
+    _serve_jobs(worker, one_job(), [path_problem], done, torch.get_num_threads())
+    return done[0]
+
+
+def assert_a_worker_solves_as_here(path_problem: PathProblem) -> None:
+    with PathSolver(2) as solver:
+        solver.start()
+        there = solved_by(solver._started[0], path_problem)
+    assert_same_paths(there, solve_here(path_problem))
+
+
 def one_job() -> queue.SimpleQueue:
     jobs = queue.SimpleQueue()
     jobs.put(0)
@@ -133,9 +139,7 @@ def test_a_worker_error_is_the_callers_error_and_the_worker_serves_on() -> None:
         (worker,) = solver._started
         with pytest.raises(ProtoquantError, match="presence scores that are NaN"):
             _serve_jobs(worker, one_job(), [bad], {}, 1)
-        done = {}
-        _serve_jobs(worker, one_job(), [problem(1)], done, torch.get_num_threads())
-        assert_same_paths(done[0], solve_here(problem(1)))
+        assert_same_paths(solved_by(worker, problem(1)), solve_here(problem(1)))
         with pytest.raises(ProtoquantError, match="presence scores that are NaN"):
             solver.solve([problem(1), bad, problem(2)])  # here or there: the same error
     assert solver._started == []
