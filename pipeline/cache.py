@@ -23,7 +23,9 @@ every shard's checksum: a cache of other pixels is another cache.
 
 Integrity is checked at three costs: `require_complete` (every reader) stats each done shard's files
 against the recorded sizes; every block read checks that rows marked extracted hold finite features
-and that labels and marks are not fill values; `verify` re-hashes every shard (`info --verify`).
+(once per block and process while its shard files are unchanged: a later epoch's read of the same
+block skips the pass) and that labels and marks are not fill values; `verify` re-hashes every shard
+(`info --verify`).
 Caches written before checksums existed (same format version) read as before and verify as unknown.
 
 Reads: features and views in plain shards (the layout written here: no compression) are read straight
@@ -269,6 +271,7 @@ class CacheSplit:
             self.views = group["views"] if "views" in group else None
         self._ok: np.ndarray | None = None
         self._raw: dict[str, RawShardArray | None] = {}
+        self._checked: dict[tuple[str, int, int], tuple] = {}  # (what, start, stop) -> its files' identity then
 
     # --- small per-row arrays: a lost chunk reads as its fill value, which is refused by name ---
 
@@ -338,26 +341,56 @@ class CacheSplit:
             buffer[where] = self.read_features(start, stop)
             return
         targets = [buffer[int(i)] for i in where]
+        identity = self._files_identity("features", start, stop)  # before the read: a later change is checked again
         try:
             raw.read_rows_into(start, stop, targets)
         except Exception as err:  # the raw reader raises ValueError, OSError on a damaged object
             raise self._read_error("features", slice(start, stop), err) from None
+        if self._checked_before("features", start, stop, identity):
+            return
         marked = self.ok[start:stop]
         broken = [k for k in np.flatnonzero(marked) if nonfinite_rows(targets[k][None])[0]]
         if broken:
             raise self._damaged("features", start + np.asarray(broken), "are marked extracted but read as NaN (a lost or damaged shard?)")
+        self._remember_checked("features", start, stop, identity)
 
     def read_views(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of the augmented views as float16 (n, V, H, W, D), checked."""
         return self._read_block(self.views, "views", start, stop)
 
     def _read_block(self, array: zarr.Array, what: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        identity = self._files_identity(what, start, stop)  # before the read: a later change is checked again
         block = self._read(array, what, slice(start, stop), out)
+        if self._checked_before(what, start, stop, identity):
+            return block
         marked = self.ok[start:stop]
         broken = np.flatnonzero(marked & nonfinite_rows(block))
         if len(broken):
             raise self._damaged(what, start + broken, "are marked extracted but read as NaN (a lost or damaged shard?)")
+        self._remember_checked(what, start, stop, identity)
         return block
+
+    def _files_identity(self, what: str, start: int, stop: int) -> tuple | None:
+        """(device, inode, size, mtime, ctime) of each shard file rows [start, stop) of `what` lie in; None
+        when one is missing or the store is not on local disk (then every read is checked)."""
+        if self.directory is None or stop <= start:
+            return None
+        identity = []
+        for shard in range(self.layout.shard_of(start), self.layout.shard_of(stop - 1) + 1):
+            try:
+                st = os.stat(self.shard_file(what, shard))
+            except OSError:
+                return None
+            identity.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(identity)
+
+    def _checked_before(self, what: str, start: int, stop: int, identity: tuple | None) -> bool:
+        """Whether this very block was read and checked already from files of this identity."""
+        return identity is not None and self._checked.get((what, start, stop)) == identity
+
+    def _remember_checked(self, what: str, start: int, stop: int, identity: tuple | None) -> None:
+        if identity is not None:
+            self._checked[(what, start, stop)] = identity
 
     def block_starts(self, rows_per_block: int | None = None) -> list[tuple[int, int]]:
         """(start, stop) of chunk-aligned blocks of about `rows_per_block` rows (one inner chunk by default)."""
@@ -441,7 +474,8 @@ class CacheSplit:
 
     def shard_file(self, array: str, shard: int) -> Path:
         """The storage object of `array` that holds shard `shard` (every array is cut by shard rows)."""
-        ndim = self.group[array].ndim if array in self.group else 1
+        known = {"features": self.features, "views": self.views}.get(array)
+        ndim = known.ndim if known is not None else self.group[array].ndim if array in self.group else 1
         key = Path("c", str(shard), *["0"] * (ndim - 1))
         return (self.directory or Path(self.name)) / array / key
 

@@ -4,6 +4,7 @@ streaming keeps memory flat in N (a small run of bench/scale.py)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,35 @@ def test_scattering_reads_fill_many_buffers_across_calls(tmp_path):
         assert b"".join(outs) == data[5:705].tobytes()
         with pytest.raises(ValueError, match="ends at byte 1000"):
             _preadv_exact(fh.fileno(), [memoryview(bytearray(8)) for _ in range(3)], 990)
+
+
+def test_a_block_is_checked_once_while_its_shard_file_is_unchanged(tmp_path, monkeypatch):
+    """A later epoch's read of the same block skips the finiteness pass; a file rewritten in place
+    (its mtime moves) is checked again, so a NaN written into a marked row is still refused."""
+    import pipeline.cache as cache_module
+
+    _cache(tmp_path / "c")
+    split = Cache(tmp_path / "c").split("train")
+    r = split.layout.rows_per_chunk
+    passes = []
+    check = cache_module.nonfinite_rows
+    monkeypatch.setattr(cache_module, "nonfinite_rows", lambda block, **kw: passes.append(len(block)) or check(block, **kw))
+    first = split.read_features(0, r)
+    assert _bits(split.read_features(0, r)) == _bits(first) and passes == [r]
+    buffer = np.empty((r, 2, 2, 8), np.float16)
+    split.read_features_scattered(0, r, buffer, np.arange(r)[::-1].copy())  # the streaming read: same block, same files
+    assert passes == [r] and _bits(buffer[::-1]) == _bits(first)
+    split.read_features(r, 2 * r)
+    assert passes == [r, r]  # another block is checked
+
+    shard = split.shard_file("features", 0)
+    offset = int(split.raw_reader("features").read_index(0)[0, 0])
+    before = shard.stat()
+    with open(shard, "r+b") as fh:  # rewritten in place, as zarr's store writes
+        fh.seek(offset + 3 * 2 * 2 * 8 * 2)
+        fh.write(np.full(2 * 2 * 8, np.nan, np.float16).tobytes())
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not have moved
+    with pytest.raises(ProtoquantError, match=r"rows 3\) are marked extracted but read as NaN"):
+        split.read_features(0, r)
+    with pytest.raises(ProtoquantError, match=r"rows 3\) are marked extracted but read as NaN"):
+        split.read_features_scattered(0, r, buffer, np.arange(r))
