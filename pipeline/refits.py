@@ -46,7 +46,9 @@ WORKER = ("import os, sys\n"
           "os.dup2(2, 1)\n"
           f"sys.path.insert(0, {ROOT!r}) if {ROOT!r} not in sys.path else None\n"
           "from pipeline.refits import serve\n"
-          "serve(pipe)\n")
+          "serve(pipe)\n"
+          "sys.stderr.flush()\n"
+          "os._exit(0)\n")  # every answer is flushed: skip the interpreter's teardown (0.7 s with torch loaded)
 
 
 @dataclass(frozen=True)
