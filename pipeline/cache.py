@@ -348,10 +348,9 @@ class CacheSplit:
             raise self._read_error("features", slice(start, stop), err) from None
         if self._checked_before("features", start, stop, identity):
             return
-        marked = self.ok[start:stop]
-        broken = [k for k in np.flatnonzero(marked) if nonfinite_rows(targets[k][None])[0]]
-        if broken:
-            raise self._damaged("features", start + np.asarray(broken), "are marked extracted but read as NaN (a lost or damaged shard?)")
+        broken = np.flatnonzero(self.ok[start:stop] & nonfinite_in(targets))
+        if len(broken):
+            raise self._damaged("features", start + broken, "are marked extracted but read as NaN (a lost or damaged shard?)")
         self._remember_checked("features", start, stop, identity)
 
     def read_views(self, start: int, stop: int) -> np.ndarray:
@@ -559,6 +558,16 @@ def nonfinite_rows(block: np.ndarray, rows_per_pass: int = 64) -> np.ndarray:
         part = bits[first:first + rows_per_pass]
         out[first:first + len(part)] = (part & 0x7FFF).max(axis=1, initial=0) >= 0x7C00
     return out
+
+
+def nonfinite_in(rows: list[np.ndarray]) -> np.ndarray:
+    """(n,) bool: which of these same-shape rows (a shuffled buffer's, scattered) hold a NaN or an infinity;
+    nonfinite_rows' test, row by row through one scratch array."""
+    if not rows or rows[0].dtype != np.float16:
+        return np.array([bool(nonfinite_rows(row[None])[0]) for row in rows], dtype=bool)
+    scratch = np.empty(rows[0].size, dtype=np.uint16)
+    return np.array([np.bitwise_and(row.reshape(-1).view(np.uint16), 0x7FFF, out=scratch).max(initial=0) >= 0x7C00
+                     for row in rows], dtype=bool)
 
 
 def grid_maps(provenance: dict) -> list[tuple[int, int, int, int]]:

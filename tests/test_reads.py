@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache import Cache, SplitPlan, create_cache, nonfinite_rows, write_shard
+from pipeline.cache import Cache, SplitPlan, create_cache, nonfinite_in, nonfinite_rows, write_shard
 from pipeline.data import FeatureSource, SourceSettings
 from pipeline.errors import ProtoquantError
 from pipeline.rawshards import RawShardArray
@@ -122,6 +122,8 @@ def test_nonfinite_rows_finds_every_nan_and_infinity():
     assert expected.sum() == 3
     np.testing.assert_array_equal(nonfinite_rows(grid, rows_per_pass=7), expected)
     np.testing.assert_array_equal(nonfinite_rows(grid.astype(np.float32)), expected)
+    np.testing.assert_array_equal(nonfinite_in(list(grid[::-1])), expected[::-1])  # rows scattered in a buffer
+    np.testing.assert_array_equal(nonfinite_in(list(grid.astype(np.float32))), expected)
 
 
 def test_streaming_memory_stays_flat_in_n(tmp_path):
