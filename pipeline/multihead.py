@@ -85,48 +85,92 @@ def shared_batches(sources: list[FeatureSource], epoch: int = 0) -> Iterator[tup
     yield from _SharedStream(sources, epoch).batches()
 
 
-class _Buffer:
-    """One source's shuffle buffer while streaming: FeatureSource._stream_batches, fed chunk by chunk."""
+@dataclass
+class _Filling:
+    """A shuffle buffer being filled: buffer[place[k]] takes the k-th row to arrive (the carried rows first)."""
 
-    def __init__(self, source: FeatureSource, epoch: int):
+    buffer: np.ndarray    # (n, H, W, D) float16
+    rows: np.ndarray      # (n,) the split row at each place
+    place: np.ndarray     # (n,) where each arriving row goes
+    filled: int           # rows placed so far
+    chunks_left: int      # chunks of this buffer still to arrive
+
+
+class _Buffer:
+    """One source's shuffle buffer while streaming: FeatureSource._stream_batches, fed chunk by chunk.
+
+    The stream's chunk order is known up front, so each buffer's size is too: its permutation is drawn when
+    its first chunk arrives, and every row is copied once, straight into its shuffled place (the batches
+    of a concatenation shuffled afterwards, with the same draws, at a third of the copies)."""
+
+    def __init__(self, source: FeatureSource, epoch: int, order: list[int]):
         self.source = source
         self.rng = np.random.default_rng([source.settings.seed, epoch + 1_000_003, 0xDA7A])
         self.choices = view_choices(source.split.n, source.n_views, source.settings.seed, epoch)
-        self.pieces: list[np.ndarray] = []
-        self.piece_rows: list[np.ndarray] = []
-        self.fed = 0                  # chunks fed since the last flush
         self.steps_left = source.steps(epoch)
+        r, rows, n = source.split.layout.rows_per_chunk, source.rows, source.split.n  # rows: sorted
+        self.selected = {}  # chunk -> this source's rows in it, for the chunks that hold any
+        for chunk in order:
+            picked = rows[np.searchsorted(rows, chunk * r):np.searchsorted(rows, min(chunk * r + r, n))]
+            if len(picked):
+                self.selected[chunk] = picked
+        used, per_buffer = list(self.selected), source.settings.buffer_chunks
+        groups = [used[k:k + per_buffer] for k in range(0, len(used), per_buffer)]
+        self.groups_of = {chunk: group for group in groups for chunk in group}
+        self.carry_grids: np.ndarray | None = None
+        self.carry_rows = np.empty(0, dtype=np.int64)
+        self.open: _Filling | None = None
 
     def feed(self, start: int, stop: int, features: np.ndarray, views: np.ndarray | None) -> Iterator[Batch]:
-        rows = self.source.rows  # sorted
-        selected = rows[np.searchsorted(rows, start):np.searchsorted(rows, stop)]
-        if not len(selected):
+        chunk = start // self.source.split.layout.rows_per_chunk
+        selected = self.selected.get(chunk)
+        if selected is None:
             return
-        at = selected - start
+        if self.open is None:
+            self._begin(self.groups_of[chunk], features.shape[1:])
+        filling = self.open
+        where = filling.place[filling.filled:filling.filled + len(selected)]
+        local = selected - start
         if self.source.n_views:
-            stacked = np.concatenate([features[at][:, None], views[at]], axis=1)  # (n, 1 + V, H, W, D)
-            grids = stacked[np.arange(len(selected)), self.choices[selected]]
+            stacked = np.concatenate([features[local][:, None], views[local]], axis=1)  # (n, 1 + V, H, W, D)
+            filling.buffer[where] = stacked[np.arange(len(selected)), self.choices[selected]]
+        elif local[-1] - local[0] + 1 == len(local):
+            filling.buffer[where] = features[local[0]:local[-1] + 1]  # every row of a run: no copy in between
         else:
-            grids = features[at]
-        self.pieces.append(grids)
-        self.piece_rows.append(selected)
-        self.fed += 1
-        if self.fed == self.source.settings.buffer_chunks:
-            yield from self.flush(final=False)
+            filling.buffer[where] = features[local]
+        filling.rows[where] = selected
+        filling.filled += len(selected)
+        filling.chunks_left -= 1
+        if filling.chunks_left == 0 and len(self.groups_of[chunk]) == self.source.settings.buffer_chunks:
+            yield from self._cut()  # a full buffer is cut at once; a last, shorter one at the end (flush)
 
-    def flush(self, *, final: bool) -> Iterator[Batch]:
+    def _begin(self, group: list[int], grid: tuple[int, ...]) -> None:
+        carry = len(self.carry_rows)
+        n = carry + sum(len(self.selected[c]) for c in group)
+        mix = self.rng.permutation(n) if self.source.settings.shuffle else np.arange(n)  # buffer[j] = unshuffled row mix[j]
+        place = np.empty(n, dtype=np.int64)
+        place[mix] = np.arange(n)  # unshuffled row k (the carried rows first) goes to buffer[place[k]]
+        buffer, rows = np.empty((n, *grid), dtype=np.float16), np.empty(n, dtype=np.int64)
+        if carry:
+            buffer[place[:carry]], rows[place[:carry]] = self.carry_grids, self.carry_rows
+        self.open = _Filling(buffer, rows, place, filled=carry, chunks_left=len(group))
+
+    def _cut(self) -> Iterator[Batch]:
+        buffer, rows = self.open.buffer, self.open.rows
         b = self.source.settings.batch_size
-        if self.fed:
-            buffer, buffer_rows = np.concatenate(self.pieces), np.concatenate(self.piece_rows)
-            if self.source.settings.shuffle:
-                mix = self.rng.permutation(len(buffer_rows))
-                buffer, buffer_rows = buffer[mix], buffer_rows[mix]
-            full = len(buffer_rows) - len(buffer_rows) % b
-            for start in range(0, full, b):
-                yield from self._emit(buffer[start:start + b], buffer_rows[start:start + b])
-            self.pieces, self.piece_rows, self.fed = [buffer[full:]], [buffer_rows[full:]], 0
-        if final and self.piece_rows and len(self.piece_rows[0]):
-            yield from self._emit(self.pieces[0], self.piece_rows[0])
+        full = len(rows) - len(rows) % b
+        self.open = None
+        self.carry_grids, self.carry_rows = buffer[full:].copy(), rows[full:]  # a copy: the buffer itself can go
+        for start in range(0, full, b):
+            yield from self._emit(buffer[start:start + b], rows[start:start + b])
+
+    def flush(self) -> Iterator[Batch]:
+        """At the end of the epoch: the last buffer (when it held fewer chunks than a full one), then the rows
+        left over, fewer than a batch."""
+        if self.open is not None:
+            yield from self._cut()
+        if len(self.carry_rows):
+            yield from self._emit(self.carry_grids, self.carry_rows)
 
     def _emit(self, grids: np.ndarray, rows: np.ndarray) -> Iterator[Batch]:
         if self.steps_left > 0:
@@ -174,14 +218,14 @@ class _SharedStream:
                 yield pending.popleft().result()
 
     def batches(self) -> Iterator[tuple[int, Batch]]:
-        buffers = [_Buffer(source, self.epoch) for source in self.sources]
+        buffers = [_Buffer(source, self.epoch, self.order) for source in self.sources]
         with_views = any(s.n_views for s in self.sources)
         for start, stop, features, views in self._reads(with_views):
             for i, buffer in enumerate(buffers):
                 for batch in buffer.feed(start, stop, features, views):
                     yield i, batch
         for i, buffer in enumerate(buffers):
-            for batch in buffer.flush(final=True):
+            for batch in buffer.flush():
                 yield i, batch
 
 

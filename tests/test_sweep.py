@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 import cli
-from pipeline.cache import Cache, CacheSplit
+from pipeline.cache import Cache, CacheSplit, SplitPlan, create_cache, write_shard
 from pipeline.data import FeatureSource, SourceSettings, carve_validation, usable_rows
 from pipeline.errors import ProtoquantError
 from pipeline.io import read_json
@@ -166,6 +166,37 @@ def test_shared_stream_reads_each_chunk_once_and_gives_every_source_its_rows(sto
     second = [batch for i, batch in got if i == 1]
     assert len(second) == sources[1].steps(1)
     np.testing.assert_array_equal(_row_fingerprints(second), _row_fingerprints(sources[1].batches(1)))
+
+
+@pytest.mark.parametrize("with_views", [True, False])
+def test_shared_stream_of_whole_chunks_gives_the_first_source_its_own_batches(tmp_path, with_views) -> None:
+    """Every row of a chunk wanted (without views: the copy straight from the chunk; with them: a view drawn
+    per row): the first source's batches are bitwise FeatureSource's, the other source gets each row once."""
+    n, views = 45, 2
+    rng = np.random.default_rng(0)
+    plan = SplitPlan(ids=[f"i{i}" for i in range(n)], labels=(np.arange(n) % 3).astype(np.int32), views=views)
+    cache = create_cache(tmp_path / "c.zarr", settings={"t": 1}, attrs={"classes": ["a", "b", "c"]},
+                         splits={"train": plan}, grid=(2, 2), dim=8, rows_per_shard=16)
+    split = cache.split("train")
+    for shard in range(split.layout.n_shards):
+        rows = split.layout.shard_rows(shard)
+        write_shard(split.group, split.directory, shard, rows, {
+            "features": rng.standard_normal((len(rows), 2, 2, 8)).astype(np.float16),
+            "views": rng.standard_normal((len(rows), views, 2, 2, 8)).astype(np.float16),
+            "ok": np.ones(len(rows), np.uint8), "image_size": np.full((len(rows), 2), 8, np.int32)})
+    split = Cache(tmp_path / "c.zarr").split("train")
+    assert split.layout.rows_per_chunk < n
+    every = FeatureSource(split, np.arange(n), SourceSettings(7, shuffle=True, views=with_views, seed=3, buffer_chunks=2))
+    some = FeatureSource(split, np.arange(1, n, 3), SourceSettings(5, shuffle=False, seed=3, buffer_chunks=3))
+    for epoch in (0, 1):
+        got = list(shared_batches([every, some], epoch=epoch))
+        first = [batch for i, batch in got if i == 0]
+        alone = list(every.batches(epoch))
+        assert len(first) == len(alone) == every.steps(epoch)
+        for (f, y), (g, z) in zip(first, alone):
+            assert torch.equal(f, g) and torch.equal(y, z)
+        second = [batch for i, batch in got if i == 1]
+        np.testing.assert_array_equal(_row_fingerprints(second), _row_fingerprints(some.batches(epoch)))
 
 
 class _Stop(Exception):
