@@ -371,13 +371,15 @@ class CacheSplit:
 
     def _files_identity(self, what: str, start: int, stop: int) -> tuple | None:
         """(device, inode, size, mtime, ctime) of each shard file rows [start, stop) of `what` lie in; None
-        when one is missing or the store is not on local disk (then every read is checked)."""
-        if self.directory is None or stop <= start:
+        (every read checked) unless the raw reader reads them, whose metadata names those very files, and
+        when one is missing."""
+        raw = self.raw_reader(what)
+        if raw is None or raw.shard_rows != self.layout.rows_per_shard or stop <= start:
             return None
         identity = []
-        for shard in range(self.layout.shard_of(start), self.layout.shard_of(stop - 1) + 1):
+        for shard in range(start // raw.shard_rows, (stop - 1) // raw.shard_rows + 1):
             try:
-                st = os.stat(self.shard_file(what, shard))
+                st = os.stat(raw.shard_path(shard))
             except OSError:
                 return None
             identity.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))

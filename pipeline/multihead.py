@@ -134,7 +134,7 @@ class _Buffer:
         if self.source.n_views:
             stacked = np.concatenate([features[local][:, None], views[local]], axis=1)  # (n, 1 + V, H, W, D)
             filling.buffer[where] = stacked[np.arange(len(selected)), self.choices[selected]]
-        elif local[-1] - local[0] + 1 == len(local):
+        elif (np.diff(local) == 1).all():
             filling.buffer[where] = features[local[0]:local[-1] + 1]  # every row of a run: no copy in between
         else:
             filling.buffer[where] = features[local]

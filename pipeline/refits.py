@@ -47,7 +47,11 @@ WORKER = ("import os, sys\n"
           f"sys.path.insert(0, {ROOT!r}) if {ROOT!r} not in sys.path else None\n"
           "from pipeline.refits import serve\n"
           "serve(pipe)\n"
-          "sys.stderr.flush()\n"
+          "for stream in (sys.stdout, sys.stderr):\n"  # what a library printed, on its way to stderr
+          "    try:\n"
+          "        stream.flush()\n"
+          "    except OSError:\n"
+          "        pass\n"
           "os._exit(0)\n")  # every answer is flushed: skip the interpreter's teardown (0.7 s with torch loaded)
 
 

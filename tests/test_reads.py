@@ -169,9 +169,10 @@ def test_a_block_is_checked_once_while_its_shard_file_is_unchanged(tmp_path, mon
     _cache(tmp_path / "c")
     split = Cache(tmp_path / "c").split("train")
     r = split.layout.rows_per_chunk
-    passes = []
-    check = cache_module.nonfinite_rows
-    monkeypatch.setattr(cache_module, "nonfinite_rows", lambda block, **kw: passes.append(len(block)) or check(block, **kw))
+    passes = []  # rows each check pass looked at: the block read's and the streaming read's
+    by_block, by_row = cache_module.nonfinite_rows, cache_module.nonfinite_in
+    monkeypatch.setattr(cache_module, "nonfinite_rows", lambda block, **kw: passes.append(len(block)) or by_block(block, **kw))
+    monkeypatch.setattr(cache_module, "nonfinite_in", lambda rows: passes.append(len(rows)) or by_row(rows))
     first = split.read_features(0, r)
     assert _bits(split.read_features(0, r)) == _bits(first) and passes == [r]
     buffer = np.empty((r, 2, 2, 8), np.float16)
@@ -191,3 +192,20 @@ def test_a_block_is_checked_once_while_its_shard_file_is_unchanged(tmp_path, mon
         split.read_features(0, r)
     with pytest.raises(ProtoquantError, match=r"rows 3\) are marked extracted but read as NaN"):
         split.read_features_scattered(0, r, buffer, np.arange(r))
+
+
+def test_a_block_of_another_layout_is_checked_on_every_read(tmp_path):
+    """Features re-stored in plain 4-row chunks (no shards) read through zarr, whose files the shard layout does
+    not name: nothing is remembered, so a NaN written after a first read is refused on the next."""
+    values = _cache(tmp_path / "c", n=32)
+    group = zarr.open_group(str(tmp_path / "c" / "train"), mode="a")
+    del group["features"], group["nbytes"], group["checksum"]  # as a cache written before sizes were recorded
+    array = group.create_array("features", shape=values.shape, dtype="float16", chunks=(4, 2, 2, 8), fill_value=np.nan,
+                               compressors=None)
+    array[:] = values
+    split = Cache(tmp_path / "c").split("train")
+    assert split.raw_reader("features") is None
+    assert _bits(split.read_features(0, 16)) == _bits(values[:16])
+    array[4:8] = np.nan
+    with pytest.raises(ProtoquantError, match=r"rows 4, 5, 6, 7\) are marked extracted but read as NaN"):
+        split.read_features(0, 16)

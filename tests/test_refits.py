@@ -78,11 +78,13 @@ def test_a_pipeline_package_in_the_current_folder_does_not_replace_the_workers_c
     assert_a_worker_solves_as_here(problem(1))
 
 
-def test_what_a_worker_prints_does_not_reach_the_pipe(monkeypatch) -> None:
+def test_what_a_worker_prints_does_not_reach_the_pipe_but_reaches_stderr(monkeypatch, capfd) -> None:
     noisy = refits.WORKER.replace("from pipeline.refits import serve", "print('a library says hello')\nfrom pipeline.refits import serve")
     assert noisy != refits.WORKER
     monkeypatch.setattr(refits, "WORKER", noisy)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # a block-buffered stdout, flushed before the worker's quick exit
     assert_a_worker_solves_as_here(problem(1))
+    assert "a library says hello" in capfd.readouterr().err
 
 
 def test_the_workers_take_their_share_of_the_queue(monkeypatch) -> None:
