@@ -386,8 +386,10 @@ class CacheSplit:
         return tuple(identity)
 
     def _checked_before(self, what: str, start: int, stop: int, identity: tuple | None) -> bool:
-        """Whether this very block was read and checked already from files of this identity."""
-        return identity is not None and self._checked.get((what, start, stop)) == identity
+        """Whether this very block was read and checked already from files of this identity (taken before
+        the read) and they still have it now, after the read: a file replaced in between is checked."""
+        return (identity is not None and self._checked.get((what, start, stop)) == identity
+                and self._files_identity(what, start, stop) == identity)
 
     def _remember_checked(self, what: str, start: int, stop: int, identity: tuple | None) -> None:
         if identity is not None:

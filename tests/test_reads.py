@@ -184,7 +184,7 @@ def test_a_block_is_checked_once_while_its_shard_file_is_unchanged(tmp_path, mon
     shard = split.shard_file("features", 0)
     offset = int(split.raw_reader("features").read_index(0)[0, 0])
     before = shard.stat()
-    with open(shard, "r+b") as fh:  # rewritten in place, as zarr's store writes
+    with open(shard, "r+b") as fh:  # rewritten in place (zarr itself writes a new file and renames it: below)
         fh.seek(offset + 3 * 2 * 2 * 8 * 2)
         fh.write(np.full(2 * 2 * 8, np.nan, np.float16).tobytes())
     os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # a coarse clock may not have moved
@@ -209,3 +209,28 @@ def test_a_block_of_another_layout_is_checked_on_every_read(tmp_path):
     array[4:8] = np.nan
     with pytest.raises(ProtoquantError, match=r"rows 4, 5, 6, 7\) are marked extracted but read as NaN"):
         split.read_features(0, 16)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_shard_replaced_during_a_read_is_checked(tmp_path, monkeypatch, streaming):
+    """zarr rewrites a shard as a new file renamed over the old one: when that lands between the files'
+    identity (taken before the read) and the read itself, the block read from the new file is checked."""
+    values = _cache(tmp_path / "c")
+    split = Cache(tmp_path / "c").split("train")
+    r = split.layout.rows_per_chunk
+    buffer = np.empty((r, 2, 2, 8), np.float16)
+    read = (lambda: split.read_features_scattered(0, r, buffer, np.arange(r))) if streaming else (lambda: split.read_features(0, r))
+    read()  # checked, remembered
+    name = "read_rows_into" if streaming else "read_into"
+    original = getattr(RawShardArray, name)
+
+    def rewritten_first(self, *args):
+        bad = values[:16].copy()
+        bad[3] = np.nan
+        zarr.open_group(str(tmp_path / "c" / "train"), mode="a")["features"][0:16] = bad
+        monkeypatch.setattr(RawShardArray, name, original)
+        return original(self, *args)
+
+    monkeypatch.setattr(RawShardArray, name, rewritten_first)
+    with pytest.raises(ProtoquantError, match=r"rows 3\) are marked extracted but read as NaN"):
+        read()
