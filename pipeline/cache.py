@@ -370,11 +370,11 @@ class CacheSplit:
         return block
 
     def _files_identity(self, what: str, start: int, stop: int) -> tuple | None:
-        """(device, inode, size, mtime, ctime) of each shard file rows [start, stop) of `what` lie in; None
-        (every read checked) unless the raw reader reads them, whose metadata names those very files, and
-        when one is missing."""
+        """(device, inode, size, mtime, ctime) of each shard file the raw reader reads rows [start, stop) of
+        `what` from; None (every read checked) for reads through zarr, whose files another layout need not
+        name so, and when one is missing."""
         raw = self.raw_reader(what)
-        if raw is None or raw.shard_rows != self.layout.rows_per_shard or stop <= start:
+        if raw is None or stop <= start:
             return None
         identity = []
         for shard in range(start // raw.shard_rows, (stop - 1) // raw.shard_rows + 1):

@@ -79,7 +79,7 @@ def test_a_pipeline_package_in_the_current_folder_does_not_replace_the_workers_c
 
 
 def test_what_a_worker_prints_does_not_reach_the_pipe_but_reaches_stderr(monkeypatch, capfd) -> None:
-    noisy = refits.WORKER.replace("from pipeline.refits import serve", "print('a library says hello')\nfrom pipeline.refits import serve")
+    noisy = refits.WORKER.replace("from pipeline.refits import leave, serve", "print('a library says hello')\nfrom pipeline.refits import leave, serve")
     assert noisy != refits.WORKER
     monkeypatch.setattr(refits, "WORKER", noisy)
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # a block-buffered stdout, flushed before the worker's quick exit
