@@ -160,13 +160,13 @@ def stream_memmap(mm: np.ndarray, rows_per_chunk: int, epoch: int, ahead: int = 
     chunks = rng.permutation(-(-len(mm) // rows_per_chunk))
     groups = [chunks[first:first + STREAM_BUFFER] for first in range(0, len(chunks), STREAM_BUFFER)]
 
-    def gather(group: np.ndarray) -> np.ndarray:
+    def shuffled_rows(group: np.ndarray) -> np.ndarray:  # drawn here, in order: the reader threads only gather
         rows = np.concatenate([np.arange(c * rows_per_chunk, min((c + 1) * rows_per_chunk, len(mm))) for c in group])
-        return mm[rng.permutation(rows)]
+        return rng.permutation(rows)
 
     pending: deque = deque()
     for group in groups:
-        pending.append(read_pool().submit(gather, group))
+        pending.append(read_pool().submit(mm.__getitem__, shuffled_rows(group)))
         if len(pending) > ahead:
             _batches_of(pending.popleft().result())
     while pending:

@@ -99,7 +99,7 @@ def solve_here(problem: PathProblem) -> SolvedPath:
 class PathSolver:
     """Solves paths: this process and `workers - 1` worker processes take the small ones from one queue
     (tiny ones are done here before a worker has started); big ones are solved here after them. The workers
-    start on the first call that needs them (or `start`) and stop when the context ends."""
+    start on the first call that needs them and stop when the context ends."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -112,8 +112,8 @@ class PathSolver:
         self._stop(kill=exc[0] is not None)
 
     def start(self) -> None:
-        """Start the workers now (each imports torch for a second or two) rather than at the first solve:
-        the caller has other work to do meanwhile."""
+        """Start the workers now rather than at the first solve (the tests talk to one directly). The sweep
+        does not: started before its pushes, they slowed them more than their start-up cost (RESULTS.md)."""
         self._start(self.workers - 1)
 
     def solve(self, problems: list[PathProblem]) -> list[SolvedPath]:
